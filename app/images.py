@@ -1,0 +1,85 @@
+"""Uploaded bytes -> upright RGB image, refusing what is not an allowed photo before parsing it."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+from app.errors import ApiError
+from model.imageio import to_rgb, upright
+
+# Magic numbers of the formats we accept. The format is decided by the bytes, never by the file
+# name or the Content-Type, and only the matching Pillow plugin is allowed to parse them.
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The allowed format these bytes start with, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, offset, name in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Bytes of one photo -> upright RGB image.
+
+    ``draft_size`` lets JPEGs decode straight at a reduced scale (1/2, 1/4 or 1/8, chosen so both
+    sides stay at least ``draft_size``): a 12-megapixel phone photo decodes several times faster
+    and the model, which sees ``draft_size`` pixels at most, loses nothing it would use.
+    """
+    if not data:
+        raise ApiError(400, "empty_file", "the photo is empty (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"not a supported image; send one of {', '.join(ALLOWED_FORMATS)}",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            _check_pixels(image, max_pixels)
+            if fmt == "JPEG" and draft_size:
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()  # first frame only, for animations
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(
+            413, "image_too_large", f"the image has more than {max_pixels} pixels"
+        ) from None
+    except Exception as exc:  # Pillow signals broken data with many types (OSError, ValueError, …)
+        raise ApiError(
+            422,
+            "invalid_image",
+            f"the {fmt} data could not be decoded (truncated or corrupt?): {exc}",
+        ) from None
+    return to_rgb(upright(image))
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ApiError(422, "invalid_image", f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        )

