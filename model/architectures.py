@@ -85,7 +85,8 @@ def load_backbone_weights(net: TaggerNet, state_dict: Mapping[str, torch.Tensor]
     picked: dict[str, torch.Tensor] = {}
     left_out: list[str] = []
     for key, tensor in state_dict.items():
-        name = key.removeprefix("features.")
+        # torchvision's own names first: mobilenet/efficientnet keys start with "features." too
+        name = key if key in own else key.removeprefix("features.")
         if name in own and own[name].shape == tensor.shape:
             picked[name] = tensor
         else:

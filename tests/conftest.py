@@ -116,5 +116,7 @@ def shared_data(name: str) -> Path:
     """A folder of ``../shared/data``, or skip the test with a clear message where it is absent."""
     path = SHARED_DATA / name
     if not path.is_dir():
-        pytest.skip(f"needs the real photo set {path} (../shared/data beside the repo), absent here")
+        pytest.skip(
+            f"needs the real photo set {path} (../shared/data beside the repo), absent here"
+        )
     return path

@@ -1,0 +1,132 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from model import architectures
+from model.architectures import (
+    UnknownArchitectureError,
+    build,
+    conv_output_size,
+    load_backbone_weights,
+    seed_cnn_feature_shape,
+)
+
+TORCHVISION_ARCHS = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+]
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "padding", "expected"),
+    [
+        (32, 3, 1, 1, 32),  # "same" 3x3 conv
+        (32, 2, 2, 0, 16),  # 2x2 max-pool, stride 2
+        (227, 11, 4, 0, 55),  # AlexNet's first layer: (227 - 11 + 0)/4 + 1
+        (224, 7, 2, 3, 112),  # ResNet stem: (224 - 7 + 6)/2 + 1, floored
+        (5, 5, 1, 0, 1),
+        (7, 3, 2, 0, 3),
+    ],
+)
+def test_conv_output_size_follows_the_formula(size, kernel, stride, padding, expected):
+    assert conv_output_size(size, kernel, stride, padding) == expected
+
+
+def test_conv_output_size_refuses_a_window_larger_than_the_input():
+    with pytest.raises(ValueError, match="does not fit"):
+        conv_output_size(4, 7, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"input_size": 32, "widths": [8, 16]},
+        {"input_size": 32, "widths": [8, 16, 32], "convs_per_block": 2, "batch_norm": True},
+        {"input_size": 64, "widths": [4, 8], "kernel_sizes": [5, 3], "paddings": [2, 0]},
+        {"input_size": 96, "widths": [6, 12], "strides": [2, 1], "pool_size": 3, "pool_stride": 2},
+        {"input_size": 28, "widths": [4], "kernel_sizes": 5, "paddings": 0, "hidden": []},
+    ],
+)
+def test_seed_cnn_flatten_width_matches_the_arithmetic(config):
+    net = build("seed_cnn", 7, **config)
+    arithmetic_keys = ("widths", "kernel_sizes", "strides", "paddings", "pool_size",
+                       "pool_stride", "convs_per_block")  # fmt: skip
+    c, h, w = seed_cnn_feature_shape(
+        config["input_size"], **{k: v for k, v in config.items() if k in arithmetic_keys}
+    )
+    conv_part = net.features[: [type(m) for m in net.features].index(torch.nn.Flatten)]
+    x = torch.zeros(2, 3, config["input_size"], config["input_size"])
+    assert tuple(conv_part(x).shape) == (2, c, h, w)
+    assert tuple(net(x).shape) == (2, 7)
+
+
+def test_seed_cnn_is_conv_relu_pool_then_fully_connected_with_dropout():
+    net = build("seed_cnn", 10, input_size=32, widths=[8, 16], hidden=[32], dropout=0.3)
+    kinds = [type(m).__name__ for m in net.features]
+    assert kinds[:6] == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d"]
+    assert kinds[6:] == ["Flatten", "Dropout", "Linear", "ReLU"]
+    assert [type(m).__name__ for m in net.head] == ["Dropout", "Linear"]
+    assert net.head[0].p == 0.3
+    assert net.num_classes == 10
+
+
+def test_seed_cnn_rejects_per_block_lists_of_the_wrong_length():
+    with pytest.raises(ValueError, match="kernel_sizes has 1 entries"):
+        build("seed_cnn", 2, widths=[4, 8], kernel_sizes=[3])
+
+
+def test_registry_refuses_unknown_and_duplicate_names():
+    with pytest.raises(UnknownArchitectureError, match="unknown architecture 'nope'"):
+        build("nope", 3)
+    with pytest.raises(ValueError, match="already registered"):
+        architectures.register("seed_cnn")(lambda n: None)
+    assert {"seed_cnn", "efficientnet_lite0", *TORCHVISION_ARCHS} <= set(architectures.available())
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+def test_torchvision_backbones_get_a_new_head(arch):
+    net = build(arch, 4).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 96, 96))
+    assert tuple(out.shape) == (1, 4)
+    assert isinstance(net.head[-1], torch.nn.Linear) and net.head[-1].out_features == 4
+
+
+def test_torchvision_backbone_initialises_from_a_local_weights_file(tmp_path: Path):
+    original = torchvision.models.resnet18(weights=None)  # stands in for a downloaded .pth
+    torch.save(original.state_dict(), tmp_path / "resnet18.pth")
+    net = build("resnet18", 3, weights=str(tmp_path / "resnet18.pth"))
+    assert torch.equal(net.features.conv1.weight, original.conv1.weight)
+    assert torch.equal(net.features.layer4[1].bn2.running_var, original.layer4[1].bn2.running_var)
+
+
+def test_load_backbone_weights_reports_what_it_left_out_and_refuses_a_wrong_backbone():
+    source = torchvision.models.mobilenet_v3_small(weights=None).state_dict()
+    net = build("mobilenet_v3_small", 2)
+    left_out = load_backbone_weights(net, source)
+    assert left_out == ["classifier.3.weight", "classifier.3.bias"]
+    with pytest.raises(ValueError, match="do not fit this backbone"):
+        load_backbone_weights(build("resnet18", 2), source)
+
+
+def test_lite0_key_map_covers_every_shipped_tensor():
+    shipped = torch.load(
+        architectures.shipped_lite0_weights_path(), map_location="cpu", weights_only=True
+    )
+    renamed = architectures.load_shipped_lite0()
+    ours = build("efficientnet_lite0", 1000).state_dict()
+    assert set(renamed) == set(ours)
+    assert len(renamed) == len(shipped)
+    assert all(renamed[k].shape == ours[k].shape for k in ours)
+
+
+def test_same_padding_matches_tensorflow_output_sizes():
+    conv = architectures.SamePadConv2d(1, 1, 3, 2, bias=False)
+    for size in (224, 225, 7, 8):
+        out = conv(torch.zeros(1, 1, size, size))
+        assert out.shape[-1] == -(-size // 2)  # ceil(size / stride)
