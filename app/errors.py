@@ -24,6 +24,76 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class Unauthorized(ApiError):
+    def __init__(self, message: str):
+        super().__init__(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+class UnknownModel(ApiError):
+    def __init__(self, name: str, served: list[str]):
+        super().__init__(
+            404, "unknown_model", f"no model named {name!r}; served: {', '.join(served) or 'none'}"
+        )
+
+
+class ModelNotReady(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            503, "model_not_ready", "the model is still loading; try again shortly", _retry(1)
+        )
+
+
+class Overloaded(ApiError):
+    """The inference queue is full: refuse at once rather than let the client hang."""
+
+    def __init__(self, queued: int, limit: int):
+        super().__init__(
+            503,
+            "overloaded",
+            f"the server is busy ({queued} photos queued, limit {limit}); retry shortly",
+            _retry(1),
+        )
+
+
+class InferenceTimeout(ApiError):
+    def __init__(self, seconds: float):
+        super().__init__(
+            503,
+            "timeout",
+            f"the photo was not tagged within {seconds:g} s (PHOTOTAG_REQUEST_TIMEOUT_S); the "
+            "server is overloaded, retry later",
+            _retry(2),
+        )
+
+
+class OutOfMemory(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "out_of_memory",
+            "the GPU ran out of memory on this photo even alone in its batch; retry later",
+            _retry(2),
+        )
+
+
+class InferenceFailed(ApiError):
+    def __init__(self, reason: str):
+        super().__init__(500, "inference_failed", f"the model failed on this batch: {reason}")
+
+
+class DecodeTimeout(ApiError):
+    def __init__(self, seconds: float):
+        super().__init__(
+            422,
+            "decode_timeout",
+            f"the image took longer than {seconds:g} s to decode (PHOTOTAG_MAX_DECODE_SECONDS)",
+        )
+
+
+def _retry(seconds: int) -> dict[str, str]:
+    return {"Retry-After": str(seconds)}
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -39,6 +109,7 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "too_many_requests",
     503: "unavailable",
 }
 

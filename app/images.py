@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import warnings
 
+import pillow_heif
 from PIL import Image
 
 from app.errors import ApiError
 from model.imageio import to_rgb, upright
+
+pillow_heif.register_heif_opener()  # adds Pillow's "HEIF" format: HEIC photos from phones
 
 # Magic numbers of the formats we accept. The format is decided by the bytes, never by the file
 # name or the Content-Type, and only the matching Pillow plugin is allowed to parse them.
@@ -21,17 +24,37 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"II*\x00", 0, "TIFF"),
     (b"MM\x00*", 0, "TIFF"),
 )
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF")
+# ISO-BMFF brands of HEIF still images and sequences (HEIC is HEIF with HEVC). AVIF shares the
+# container ("avif", "avis") but is not among them.
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
+_HEIF_GENERIC_BRANDS = {b"mif1", b"msf1"}
 
 
 def sniff_format(data: bytes) -> str | None:
     """The allowed format these bytes start with, or None."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:8] == b"ftyp":
+        return "HEIF" if _is_heif(data) else None
     for magic, offset, name in _SIGNATURES:
         if data[offset : offset + len(magic)] == magic:
             return name
     return None
+
+
+def _is_heif(data: bytes) -> bool:
+    """An ISO-BMFF ``ftyp`` box whose major brand, or (for the generic ``mif1``/``msf1``) one of
+    whose compatible brands, is a HEIF one."""
+    box_size = int.from_bytes(data[:4], "big")
+    major = data[8:12]
+    if major in _HEIF_BRANDS:
+        return True
+    if major not in _HEIF_GENERIC_BRANDS:
+        return False
+    end = min(max(box_size, 16), 4096, len(data))
+    compatible = {data[i : i + 4] for i in range(16, end - 3, 4)}
+    return bool(compatible & _HEIF_BRANDS) or not compatible & {b"avif", b"avis"}
 
 
 def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Image.Image:

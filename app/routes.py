@@ -1,89 +1,139 @@
-"""HTTP only: read the uploads, call the tagger, shape the response."""
+"""HTTP only: read the uploads, call the pipeline, shape the response."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.concurrency import run_in_threadpool
-from PIL import Image
-from starlette.datastructures import UploadFile
+from fastapi.responses import FileResponse, Response
 
-from app import images
-from app.errors import ApiError
-from app.schemas import ErrorResponse, Health, ModelInfo, ModelRef, PhotoResult, Tag, TagResponse
+from app.auth import ApiKey, OpsApiKey
+from app.batcher import Batcher, Result
+from app.errors import ApiError, ModelNotReady
+from app.metrics import Metrics
+from app.pipeline import Decoder, probabilities_for
+from app.registry import ModelRegistry
+from app.schemas import (
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    ModelList,
+    ModelRef,
+    ModelSummary,
+    PhotoResult,
+    Tag,
+    TagResponse,
+)
 from app.settings import Settings
 from app.tagger import Tagger
+from app.uploads import read_uploads
 
-router = APIRouter()
+STATIC = Path(__file__).parent / "static"
+
+api = APIRouter(dependencies=[ApiKey], responses={401: {"model": ErrorResponse}})
+ops = APIRouter(dependencies=[OpsApiKey])
 
 
-def get_tagger(request: Request) -> Tagger:
-    tagger: Tagger | None = getattr(request.state, "tagger", None)
-    if tagger is None or not tagger.ready:
-        raise ApiError(
-            503,
-            "model_not_ready",
-            "the model is still loading; try again shortly",
-            headers={"Retry-After": "1"},
-        )
-    return tagger
+def _state(name: str):
+    def get(request: Request):
+        value = getattr(request.state, name, None)
+        if value is None:
+            raise ModelNotReady()
+        return value
+
+    return get
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-TaggerDep = Annotated[Tagger, Depends(get_tagger)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503)}
+
+RegistryDep = Annotated[ModelRegistry, Depends(_state("registry"))]
+BatcherDep = Annotated[Batcher, Depends(_state("batcher"))]
+DecoderDep = Annotated[Decoder, Depends(_state("decoder"))]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+@dataclass
+class Served:
+    """The model a request asked for, held for the whole request (a reload cannot swap it)."""
+
+    id: str
+    tagger: Tagger
+    default: bool
+
+    def ref(self) -> ModelRef:
+        return ModelRef(id=self.id, name=self.tagger.name, version=self.tagger.version)
+
+
+def get_served(
+    registry: RegistryDep,
+    model: Annotated[
+        str | None,
+        Query(
+            description="The model to use, by id (see GET /v1/models); default: the server's "
+            "default model.",
+            examples=["pets"],
+        ),
+    ] = None,
+) -> Served:
+    name, tagger = registry.get(model)
+    return Served(name, tagger, name == registry.default_name)
+
+
+ServedDep = Annotated[Served, Depends(get_served)]
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 500, 503)}
+_PHOTO = {"type": "string", "format": "binary"}
 _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
         "description": "One or more photos: multipart fields named `file` (repeat the field for "
-        "several photos), or one photo as the raw body with an `image/*` Content-Type.",
+        "several photos), or one photo as the raw body with an `image/*` or "
+        "`application/octet-stream` Content-Type. The format is read from the bytes: JPEG, PNG, "
+        "WebP, GIF (first frame), BMP, TIFF, HEIC/HEIF.",
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
-                }
+                    "properties": {"file": {"type": "array", "items": _PHOTO}},
+                },
+                "encoding": {"file": {"contentType": "image/*"}},
             },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": _PHOTO},
+            "application/octet-stream": {"schema": _PHOTO},
         },
     }
 }
 
 
-@dataclass
-class Upload:
-    filename: str | None
-    data: bytes
-
-
-@router.post(
+@api.post(
     "/v1/tags",
     response_model=TagResponse,
     response_model_exclude_unset=True,
     responses=_ERRORS,
     openapi_extra=_UPLOAD_BODY,
     summary="Tag photos",
-    description="Per-class probabilities for each uploaded photo, top tags first.\n\n"
-    "`curl -F file=@cat.jpg localhost:8000/v1/tags` or "
+    description="Per-class probabilities for each uploaded photo, top tags first. In a request "
+    "with several photos, a photo that fails gets an `error` entry and the others are tagged.\n\n"
+    "`curl -F file=@cat.jpg -F file=@dog.heic 'localhost:8000/v1/tags?model=pets'` or "
     "`curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/tags`",
 )
 async def tag_photos(
     request: Request,
-    tagger: TaggerDep,
+    served: ServedDep,
     settings: SettingsDep,
+    decoder: DecoderDep,
+    batcher: BatcherDep,
     top_k: Annotated[int | None, Query(ge=1, description="Tags per photo (default 5).")] = None,
     threshold: Annotated[
         float | None,
@@ -99,50 +149,28 @@ async def tag_photos(
     all: Annotated[bool, Query(description="Also return every class's probability.")] = False,
 ) -> TagResponse:
     uploads = await read_uploads(request, settings)
-    decoded = await asyncio.gather(*(_decode(u, tagger, settings) for u in uploads))
-    photos = [image for image in decoded if isinstance(image, Image.Image)]
-    if not photos:
-        raise decoded[0]  # every photo failed: answer with the (first) reason
-    probabilities = iter(await run_in_threadpool(tagger.tag, photos))
-    results = []
-    for upload, image in zip(uploads, decoded, strict=True):
-        if isinstance(image, ApiError):
-            results.append(
-                PhotoResult(
-                    filename=upload.filename,
-                    tags=[],
-                    error={"code": image.code, "message": image.message},
-                )
-            )
-        else:
-            k = top_k or settings.default_top_k
-            results.append(
-                shape_result(upload.filename, next(probabilities), tagger, k, threshold, all)
-            )
-    return TagResponse(model=ModelRef(name=tagger.name, version=tagger.version), results=results)
-
-
-async def _decode(upload: Upload, tagger: Tagger, settings: Settings) -> Image.Image | ApiError:
-    try:
-        return await run_in_threadpool(
-            images.decode, upload.data, max_pixels=settings.max_pixels, draft_size=tagger.draft_size
-        )
-    except ApiError as error:
-        if upload.filename:
-            error.message = f"{upload.filename}: {error.message}"
-        return error
+    results = await probabilities_for(uploads, served.tagger, served.id, decoder, batcher)
+    k = top_k or settings.default_top_k
+    photos = [
+        shape_result(upload.filename, result, served.tagger, k, threshold, all)
+        for upload, result in zip(uploads, results, strict=True)
+    ]
+    return TagResponse(model=served.ref(), results=photos)
 
 
 def shape_result(
     filename: str | None,
-    probs: torch.Tensor,
+    result: Result,
     tagger: Tagger,
     top_k: int,
     threshold: float | None,
     include_all: bool,
 ) -> PhotoResult:
     """One photo's probabilities (num_classes,) -> its top tags above the threshold."""
-    classes = tagger.classes
+    if isinstance(result, ApiError):
+        error = {"code": result.code, "message": result.message}
+        return PhotoResult(filename=filename, tags=[], error=error)
+    probs, classes = result, tagger.classes
     if threshold is not None:
         keep = probs >= threshold
     elif tagger.card.thresholds is not None:
@@ -161,60 +189,44 @@ def shape_result(
     return PhotoResult(filename=filename, tags=tags)
 
 
-async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
-    """The photos of a multipart request (fields named ``file``) or of a raw ``image/*`` body."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "multipart/form-data":
-        return await _read_multipart(request, settings)
-    if media_type.startswith("image/") or media_type == "application/octet-stream":
-        body = await request.body()
-        if not body:
-            raise ApiError(400, "empty_body", "the request body is empty; send the photo's bytes")
-        return [Upload(None, body)]
-    raise ApiError(
-        415,
-        "unsupported_media_type",
-        f"Content-Type {media_type or '(none)'} is not accepted: send multipart/form-data with "
-        "`file` fields (curl -F file=@photo.jpg) or the raw photo with an image/* Content-Type "
-        "(curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg')",
+@api.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses={503: {"model": ErrorResponse}},
+    summary="The served models: ids to pass as ?model=, versions, and the default",
+)
+async def list_models(registry: RegistryDep) -> ModelList:
+    summaries = [summary(*registry.get(name), registry.default_name) for name in registry.names()]
+    return ModelList(default=registry.default_name, models=summaries)
+
+
+def summary(name: str, tagger: Tagger, default_name: str) -> ModelSummary:
+    card = tagger.card
+    return ModelSummary(
+        id=name,
+        name=card.name,
+        version=tagger.version,
+        task=card.task,
+        arch=card.arch,
+        num_classes=len(card.classes),
+        device=str(tagger.device),
+        default=name == default_name,
     )
 
 
-async def _read_multipart(request: Request, settings: Settings) -> list[Upload]:
-    async with request.form(
-        max_files=settings.max_files, max_fields=settings.max_files + 16
-    ) as form:
-        fields = form.multi_items()
-        files = [value for name, value in fields if name == "file"]
-        if not files:
-            other = sorted({name for name, value in fields if isinstance(value, UploadFile)})
-            hint = f" (got file fields named {', '.join(other)})" if other else ""
-            raise ApiError(
-                400,
-                "no_file",
-                "no photo in the request: send each photo in a multipart "
-                f"field named `file`, e.g. curl -F file=@photo.jpg{hint}",
-            )
-        if not all(isinstance(f, UploadFile) for f in files):
-            raise ApiError(
-                400,
-                "not_a_file",
-                "the `file` field must be a file upload (curl -F file=@photo.jpg, with the @)",
-            )
-        return [Upload(f.filename, await f.read()) for f in files]
-
-
-@router.get(
+@api.get(
     "/v1/model",
     response_model=ModelInfo,
-    responses={503: {"model": ErrorResponse}},
-    summary="The served model: classes, preprocessing, metrics",
+    responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    summary="One served model in full: classes, preprocessing, metrics",
 )
-async def model_info(tagger: TaggerDep) -> ModelInfo:
-    card = tagger.card
+async def model_info(served: ServedDep) -> ModelInfo:
+    card = served.tagger.card
     return ModelInfo(
+        id=served.id,
+        default=served.default,
         name=card.name,
-        version=tagger.version,
+        version=served.tagger.version,
         task=card.task,
         arch=card.arch,
         classes=card.classes,
@@ -224,20 +236,39 @@ async def model_info(tagger: TaggerDep) -> ModelInfo:
         metrics=card.metrics,
         description=card.description,
         created_at=card.created_at,
-        device=str(tagger.device),
+        device=str(served.tagger.device),
     )
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+@ops.get("/healthz", response_model=Health, summary="Liveness: the process answers")
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get(
+@ops.get(
     "/readyz",
     response_model=Health,
     responses={503: {"model": ErrorResponse}},
-    summary="Readiness: a model is loaded and warmed up",
+    summary="Readiness: the default model is loaded and warmed up, the batcher runs",
 )
-async def readyz(tagger: TaggerDep) -> Health:
+async def readyz(registry: RegistryDep, batcher: BatcherDep) -> Health:
+    if not (registry.ready and batcher.running):
+        raise ModelNotReady()
     return Health(status="ready")
+
+
+@ops.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+async def metrics(metrics: MetricsDep, settings: SettingsDep) -> Response:
+    if not settings.metrics:
+        raise ApiError(404, "not_found", "metrics are turned off here (PHOTOTAG_METRICS=false)")
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+@ops.get("/", include_in_schema=False)
+async def upload_page() -> FileResponse:
+    return FileResponse(STATIC / "index.html")

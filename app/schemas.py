@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -15,6 +15,19 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "unsupported_media_type",
+                        "message": "not a supported image; send one of JPEG, PNG, WEBP, GIF, "
+                        "BMP, TIFF, HEIF",
+                    }
+                }
+            ]
+        }
+    )
     error: ErrorDetail
 
 
@@ -35,18 +48,74 @@ class PhotoResult(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str = Field(examples=["imagenet-efficientnet-lite0"])
+    id: str = Field(
+        description="The name the model is served by (its file name without .safetensors); "
+        "pass it as ?model=.",
+        examples=["default"],
+    )
+    name: str = Field(
+        description="The name in the model card.", examples=["imagenet-efficientnet-lite0"]
+    )
     version: str = Field(
         description="Derived from the checkpoint file's bytes.", examples=["c4c2edac06f5"]
     )
 
 
 class TagResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {
+                        "id": "default",
+                        "name": "imagenet-efficientnet-lite0",
+                        "version": "6963b4791185",
+                    },
+                    "results": [
+                        {
+                            "filename": "cat.jpg",
+                            "tags": [
+                                {"label": "Egyptian cat", "probability": 0.328},
+                                {"label": "tabby", "probability": 0.309},
+                            ],
+                        },
+                        {
+                            "filename": "notes.pdf",
+                            "tags": [],
+                            "error": {
+                                "code": "unsupported_media_type",
+                                "message": "notes.pdf: not a supported image; send one of JPEG, "
+                                "PNG, WEBP, GIF, BMP, TIFF, HEIF",
+                            },
+                        },
+                    ],
+                }
+            ]
+        }
+    )
     model: ModelRef
     results: list[PhotoResult]
 
 
+class ModelSummary(BaseModel):
+    id: str = Field(description="Pass it as ?model=.", examples=["pets"])
+    name: str = Field(description="The name in the model card.", examples=["pets-seed-cnn"])
+    version: str = Field(examples=["c4c2edac06f5"])
+    task: str = Field(examples=["single_label"])
+    arch: str = Field(examples=["seed_cnn"])
+    num_classes: int = Field(examples=[3])
+    device: str = Field(examples=["cpu"])
+    default: bool = Field(description="Whether requests without ?model= get this model.")
+
+
+class ModelList(BaseModel):
+    default: str = Field(description="The id of the default model.", examples=["default"])
+    models: list[ModelSummary]
+
+
 class ModelInfo(BaseModel):
+    id: str = Field(description="The name the model is served by; pass it as ?model=.")
+    default: bool = Field(description="Whether requests without ?model= get this model.")
     name: str
     version: str
     task: str = Field(description="single_label (softmax) or multi_label (sigmoid per tag).")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+# A comma-separated environment variable read as a list ("a, b" -> ["a", "b"]).
+CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -17,15 +21,56 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PHOTOTAG_", env_file=".env", extra="ignore")
 
+    # --- models
     checkpoint: Path = Field(
         Path("checkpoints/default.safetensors"),
-        description="The checkpoint (.safetensors) to serve.",
+        description="The checkpoint (.safetensors) to serve when models_dir is not set.",
+    )
+    models_dir: Path | None = Field(
+        None,
+        description="Serve every *.safetensors in this folder, each by its file name without "
+        ".safetensors; checkpoint is then ignored.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="The model a request without ?model= gets (a file name stem). Default: "
+        "'default' when there is one, else the first name in alphabetical order.",
+    )
+    reload_interval_s: float = Field(
+        2.0,
+        ge=0,
+        description="How often checkpoint files are checked for changes (hot reload); 0 = never.",
     )
     device: str = Field(
         "auto", description="auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N."
     )
-    host: str = Field("0.0.0.0", description="Address the server listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
+    autocast: Literal["auto", "off", "fp16", "bf16"] = Field(
+        "auto",
+        description="Reduced precision on CUDA: auto (bf16 where the GPU has it, else fp16), off, "
+        "fp16 or bf16. Always off on the CPU.",
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads for inference; 0 lets torch choose (one per core)."
+    )
+
+    # --- batching
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Most photos in one forward pass. Default: 8 on CPU, 32 on GPU."
+    )
+    max_batch_wait_ms: float | None = Field(
+        None,
+        ge=0,
+        description="How long the first photo of a batch waits for others. Default: 2 ms on "
+        "CPU, 5 ms on GPU.",
+    )
+    max_queue: int = Field(
+        256, ge=1, description="Most photos waiting for inference; beyond it 503 at once."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a photo waits for inference (queue + forward), 503."
+    )
+
+    # --- uploads
     max_body_bytes: int = Field(
         50 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond it)."
     )
@@ -33,19 +78,53 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         60_000_000, ge=1, description="Largest image, width x height, accepted (413 beyond it)."
     )
+    max_decode_seconds: float = Field(
+        10.0, gt=0, description="Longest one photo may take to decode (422 decode_timeout)."
+    )
+    decode_threads: int = Field(
+        0, ge=0, description="Threads decoding photos; 0 = as many as CPU cores (at most 8)."
+    )
     default_top_k: int = Field(
         5, ge=1, description="Tags returned per photo when top_k is not given."
     )
-    torch_threads: int = Field(
-        0, ge=0, description="CPU threads for inference; 0 lets torch choose (one per core)."
+
+    # --- operations
+    host: str = Field("0.0.0.0", description="Address the server listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
+    api_keys: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated API keys; when set, requests need one (Authorization: "
+        "Bearer KEY or X-API-Key: KEY).",
+    )
+    open_paths: CommaList = Field(
+        default_factory=lambda: ["/healthz", "/readyz", "/metrics"],
+        description="Paths that need no API key even when api_keys is set.",
+    )
+    metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    cors_origins: CommaList = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (CORS); * for any.",
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text (key=value pairs) or json (one JSON object per line)."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish."
+    )
 
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
         if not _DEVICE.match(value):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("api_keys", "open_paths", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
 

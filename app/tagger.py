@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 from PIL import Image
@@ -31,24 +30,39 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
-class Tagger:
-    """The network of one checkpoint, ready to turn photos into per-class probabilities."""
+def resolve_autocast(setting: str, device: torch.device) -> torch.dtype | None:
+    """The reduced-precision dtype for inference, or None for full float32 (always on CPU)."""
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device):
+
+class Tagger:
+    """The network of one checkpoint, ready to turn photos into per-class probabilities.
+
+    Not thread-safe by itself: the batcher runs every forward pass on its one inference thread."""
+
+    def __init__(
+        self, checkpoint: Checkpoint, device: torch.device, autocast: str = "auto"
+    ) -> None:
         self.card: ModelCard = checkpoint.card
         self.version = checkpoint.version
         self.path = checkpoint.path
         self.device = device
+        self.amp_dtype = resolve_autocast(autocast, device)
         self.model = checkpoint.build_model(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.transform = build_eval_transform(self.card.preprocess)
         self.ready = False
-        self._lock = threading.Lock()  # one forward pass at a time: each already uses every core
 
     @classmethod
-    def from_file(cls, path: str, device_setting: str = "auto") -> Tagger:
-        return cls(load_checkpoint(path), resolve_device(device_setting))
+    def from_file(cls, path: str, device_setting: str = "auto", autocast: str = "auto") -> Tagger:
+        return cls(load_checkpoint(path), resolve_device(device_setting), autocast)
 
     @property
     def name(self) -> str:
@@ -65,7 +79,11 @@ class Tagger:
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB images -> normalised (B, 3, crop, crop) float batch, as the checkpoint says."""
-        return torch.stack([self.transform(image) for image in images])
+        return torch.stack([self.preprocess_one(image) for image in images])
+
+    def preprocess_one(self, image: Image.Image) -> torch.Tensor:
+        """One RGB image -> (3, crop, crop); runs on a decode thread, beside the decoding."""
+        return self.transform(image)
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
@@ -74,9 +92,11 @@ class Tagger:
         batch = batch.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._lock:
-            logits = self.model(batch).float()
-        logits = logits / self.card.temperature
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
+        ):
+            logits = self.model(batch)
+        logits = logits.float() / self.card.temperature
         if self.card.task == "multi_label":
             return torch.sigmoid(logits).cpu()
         return torch.softmax(logits, dim=1).cpu()
@@ -84,9 +104,17 @@ class Tagger:
     def tag(self, images: list[Image.Image]) -> torch.Tensor:
         return self.probabilities(self.preprocess(images))
 
-    def warm_up(self) -> None:
-        """One forward pass on a blank batch, so the first real request pays no start-up cost."""
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Forward passes on blank batches (one per size: cuDNN picks its kernels per shape), so
+        the first real requests pay no start-up cost."""
         crop = self.card.preprocess.crop
-        self.probabilities(torch.zeros(1, 3, crop, crop))
+        for size in batch_sizes:
+            self.probabilities(torch.zeros(size, 3, crop, crop))
         self.ready = True
-        log.info("model %s version %s ready on %s", self.name, self.version, self.device)
+        log.info(
+            "model %s version %s ready on %s (autocast %s)",
+            self.name,
+            self.version,
+            self.device,
+            self.amp_dtype or "off",
+        )
