@@ -1,0 +1,318 @@
+"""Evaluate a checkpoint on labelled photos: metrics, calibration, plots; and its CLI.
+
+    python -m model.evaluate --checkpoint best.safetensors --data photos/ [--split test] [--out DIR]
+
+The photos go through :func:`model.preprocess.build_eval_transform` with the checkpoint's own
+preprocessing and its temperature, so the numbers describe exactly what the server returns.
+The trainer reuses :func:`predict`, :func:`evaluate_predictions` and :func:`save_evaluation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from model import data, metrics, plots
+from model.checkpoint import CheckpointError, ModelCard, atomic_write_bytes, load
+
+SPLITS = ("test", "val", "train", "all")
+
+
+class EvaluationError(Exception):
+    """The photos cannot be evaluated with this checkpoint; the message says why."""
+
+
+# ---------------------------------------------------------------- reusable pieces
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    device: str | torch.device,
+    temperature: float = 1.0,
+    tta_flip: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Run ``model`` over ``loader``: logits / ``temperature`` (N, C) float32 and the targets
+    (N,) or (N, C), both on the CPU. ``tta_flip`` averages the logits of each photo and its
+    mirror image."""
+    device = torch.device(device)
+    model.eval()
+    all_logits, all_targets = [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)  # (B, 3, H, W)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images).float()
+        if tta_flip:
+            logits = (logits + model(images.flip(-1)).float()) / 2
+        all_logits.append(logits.cpu())
+        all_targets.append(torch.as_tensor(targets).cpu())
+    if not all_logits:
+        raise EvaluationError("no photos to evaluate")
+    return torch.cat(all_logits) / temperature, torch.cat(all_targets)
+
+
+def evaluate_predictions(
+    logits: Tensor,
+    targets: Tensor,
+    classes: list[str],
+    task: str = "single_label",
+    temperature: float = 1.0,
+    thresholds: list[float] | None = None,
+) -> dict:
+    """Metrics of raw ``logits`` (N, C) against ``targets``: single-label (N,) class indices or
+    multi-label (N, C) 0/1. Probabilities use ``temperature`` as the server does; for a
+    single-label task the result also holds the calibration before (T = 1) and after it."""
+    if task == "multi_label":
+        probs = torch.sigmoid(logits.float() / temperature)
+        result = metrics.multilabel_metrics(probs, targets, classes, thresholds)
+        result["thresholds_source"] = "checkpoint" if thresholds is not None else "default 0.5"
+    else:
+        probs = torch.softmax(logits.float() / temperature, dim=1)
+        result = metrics.classification_metrics(probs, targets, classes)
+        result["calibration"] = calibration_report(logits, targets, temperature)
+    return {"task": task, "temperature": temperature, **result}
+
+
+def calibration_report(logits: Tensor, labels: Tensor, temperature: float) -> dict:
+    """ECE, NLL and reliability bins of softmax(logits) and of softmax(logits / temperature)."""
+    before = metrics.reliability_bins(torch.softmax(logits.float(), dim=1), labels)
+    after = metrics.reliability_bins(torch.softmax(logits.float() / temperature, dim=1), labels)
+    return {
+        "temperature": temperature,
+        "ece_before": before["ece"],
+        "ece_after": after["ece"],
+        "nll_before": _nll(logits, labels, 1.0),
+        "nll_after": _nll(logits, labels, temperature),
+        "reliability_before": before,
+        "reliability_after": after,
+    }
+
+
+def _nll(logits: Tensor, labels: Tensor, temperature: float) -> float:
+    return float(nn.functional.cross_entropy(logits.double() / temperature, labels.long()))
+
+
+def save_evaluation(result: dict, out_dir: str | Path, prefix: str = "") -> list[Path]:
+    """Write ``{prefix}evaluation.json`` and the plots that fit the task; return the paths."""
+    out_dir = Path(out_dir)
+    text = json.dumps(result, indent=2) + "\n"
+    written = [atomic_write_bytes(out_dir / f"{prefix}evaluation.json", text.encode())]
+    if "confusion_matrix" in result:
+        classes = list(result["per_class"])
+        path = out_dir / f"{prefix}confusion.png"
+        written.append(plots.plot_confusion(result["confusion_matrix"], classes, path))
+    if "calibration" in result:
+        calibration = result["calibration"]
+        after = {**calibration["reliability_after"], "temperature": calibration["temperature"]}
+        path = out_dir / f"{prefix}reliability.png"
+        written.append(plots.plot_reliability(calibration["reliability_before"], after, path))
+    return written
+
+
+def summary(result: dict) -> list[str]:
+    """A few human lines about ``result`` from :func:`evaluate_predictions`."""
+    if result["task"] == "multi_label":
+        lines = [
+            f"mAP {result['mAP']:.3f}  macro F1 {result['macro_f1']:.3f}  "
+            f"micro F1 {result['micro_f1']:.3f}  exact match {result['exact_match']:.1%}  "
+            f"(thresholds: {result['thresholds_source']})"
+        ]
+        if result["ap_skipped"]:
+            lines.append(f"no positives, AP skipped: {', '.join(result['ap_skipped'])}")
+    else:
+        calibration = result["calibration"]
+        lines = [
+            f"accuracy {result['accuracy']:.1%}  top-{result['top5_k']} {result['top5']:.1%}  "
+            f"macro F1 {result['macro_f1']:.3f}  NLL {result['nll']:.3f}",
+            f"ECE {calibration['ece_after']:.3f} at T={calibration['temperature']:.2f} "
+            f"(ECE {calibration['ece_before']:.3f} at T=1)",
+        ]
+    lines.append("weakest classes: " + _weakest(result["per_class"]))
+    return lines
+
+
+def _weakest(per_class: dict[str, dict], count: int = 3) -> str:
+    present = [(m["f1"], name) for name, m in per_class.items() if m["support"]]
+    return ", ".join(f"{name} F1 {f1:.2f}" for f1, name in sorted(present)[:count]) or "-"
+
+
+# ---------------------------------------------------------------- photos for a checkpoint
+
+
+def class_mapping(data_classes: Sequence[str], card: ModelCard) -> list[int]:
+    """For each class of the photos, its index among the checkpoint's classes (matched by name)."""
+    unknown = [name for name in data_classes if name not in card.classes]
+    if unknown:
+        raise EvaluationError(
+            f"the photos have {len(unknown)} classes the checkpoint does not know: "
+            f"{', '.join(unknown)}; the checkpoint's classes are: {', '.join(card.classes)}"
+        )
+    return [card.classes.index(name) for name in data_classes]
+
+
+def remap_samples(
+    samples: Sequence[data.Sample], mapping: list[int], task: str
+) -> list[data.Sample]:
+    """Samples whose targets are the checkpoint's class indices; a single-label photo becomes a
+    photo with one tag when the checkpoint is multi-label."""
+    remapped = []
+    for sample in samples:
+        if isinstance(sample.target, int):
+            target = [mapping[sample.target]] if task == "multi_label" else mapping[sample.target]
+        elif task == "multi_label":
+            target = [mapping[i] for i in sample.target]
+        else:
+            raise EvaluationError(
+                "the photos carry several tags each (multi-label) but the checkpoint is "
+                "single-label; evaluate a multi-label checkpoint on them"
+            )
+        remapped.append(replace(sample, target=target))
+    return remapped
+
+
+def load_split(args: argparse.Namespace) -> tuple[data.DatasetSpec, str, list[data.Sample]]:
+    """The photo set, the split to evaluate (``args.split`` or the default) and its samples.
+
+    The set is read first without a random validation split, which tells whether it has its own
+    test/val photos (default ``test``, else ``val``, else ``all``); ``--split val`` or ``train``
+    on a set without its own then redraws the training run's split from ``--val-fraction`` and
+    ``--seed``."""
+    spec = data.load_dataset(args.data, val_fraction=0.0)
+    split = args.split or ("test" if spec.test else "val" if spec.val else "all")
+    if split in ("val", "train") and not spec.val:
+        spec = data.load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    return spec, split, select_split(spec, split)
+
+
+def select_split(spec: data.DatasetSpec, split: str) -> list[data.Sample]:
+    if split == "all":
+        return [*spec.train, *spec.val, *spec.test]
+    samples = list(getattr(spec, split))
+    if not samples:
+        raise EvaluationError(
+            f"the photos have no {split!r} split; pick one of --split "
+            f"{', '.join(s for s in SPLITS if s == 'all' or getattr(spec, s))}"
+        )
+    return samples
+
+
+def default_workers() -> int:
+    return min(4, (os.cpu_count() or 1) - 1)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="phototag-evaluate",
+        description="Measure a checkpoint on labelled photos (a folder per class, or a CSV/JSONL "
+        "manifest): accuracy, top-5, per-class precision/recall/F1, confusion matrix and ECE, "
+        "or mAP and F1 for multi-label; writes evaluation.json and PNG plots.",
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a .safetensors checkpoint")
+    parser.add_argument("--data", required=True, type=Path, help="photo folder or manifest")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="which photos: default test if the data has a test split, else val if it has a "
+        "val folder, else all",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for evaluation.json and plots (default: beside the "
+        "checkpoint, eval-<data name>-<split>)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="photos per forward pass")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="loader processes (default: auto)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)"
+    )
+    parser.add_argument("--tta-flip", action="store_true", help="average with mirrored photos")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="as in training, for --split val|train on photos without split folders",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="as in training, for that split")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate as ``args`` say; return the result written to evaluation.json."""
+    checkpoint = load(args.checkpoint)
+    card = checkpoint.card
+    spec, split, samples = load_split(args)
+    samples = remap_samples(samples, class_mapping(spec.classes, card), card.task)
+    loader = data.make_eval_loader(
+        samples,
+        card.classes,
+        card.task,
+        card.preprocess,  # through build_eval_transform, as the server does
+        batch_size=args.batch_size,
+        workers=default_workers() if args.workers is None else args.workers,
+    )
+    device = args.device or default_device()
+    model = checkpoint.build_model(device)
+    logits, targets = predict(model, loader, device, tta_flip=args.tta_flip)
+    result = evaluate_predictions(
+        logits, targets, card.classes, card.task, card.temperature, card.thresholds
+    )
+    source = {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_version": checkpoint.version,
+        "model": card.name,
+        "arch": card.arch,
+        "data": str(args.data),
+        "split": split,
+        "tta_flip": args.tta_flip,
+        "skipped": [list(item) for item in spec.skipped],
+    }
+    return {"source": source, **result}
+
+
+def default_out(args: argparse.Namespace, split: str) -> Path:
+    return args.checkpoint.parent / f"eval-{args.data.stem or 'data'}-{split}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (CheckpointError, EvaluationError, data.DataError) as exc:
+        print(f"phototag-evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    source = result["source"]
+    out = args.out or default_out(args, source["split"])
+    written = save_evaluation(result, out)
+    print(
+        f"{source['model']} ({source['arch']}, {len(result['per_class'])} classes) on "
+        f"{source['data']} [{source['split']}]: {result['num_samples']} photos, "
+        f"{len(source['skipped'])} unreadable skipped"
+    )
+    for line in summary(result):
+        print("  " + line)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
