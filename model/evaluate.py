@@ -111,6 +111,9 @@ def save_evaluation(result: dict, out_dir: str | Path, prefix: str = "") -> list
         classes = list(result["per_class"])
         path = out_dir / f"{prefix}confusion.png"
         written.append(plots.plot_confusion(result["confusion_matrix"], classes, path))
+    if result.get("task") == "multi_label":
+        path = out_dir / f"{prefix}per_class.png"
+        written.append(plots.plot_per_class(result["per_class"], path))
     if "calibration" in result:
         calibration = result["calibration"]
         after = {**calibration["reliability_after"], "temperature": calibration["temperature"]}

@@ -137,7 +137,12 @@ def plot_reliability(bins_before: dict, bins_after: dict | None, path: str | Pat
     curve.set_ylim(0, 1)
     curve.set_ylabel("accuracy")
     curve.set_title("Reliability diagram (top-1 confidence)")
-    curve.legend(loc="upper left")
+    handles, labels = curve.get_legend_handles_labels()
+    order = sorted(
+        range(len(labels)),
+        key=lambda i: ("perfect", "before", "after").index(labels[i].split(" ")[0].rstrip(",")),
+    )
+    curve.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left")
     curve.grid(alpha=0.3)
     histogram.set_xlabel("confidence")
     histogram.set_ylabel("photos")
@@ -174,3 +179,29 @@ def _line(curve, histogram, bins: dict, colour: str, label: str) -> None:
     )
     centres = [(r["lower"] + r["upper"]) / 2 for r in bins["bins"]]
     histogram.step(centres, [r["count"] for r in bins["bins"]], where="mid", color=colour)
+
+
+# ---------------------------------------------------------------- per-class scores
+
+
+def plot_per_class(per_class: dict[str, dict], path: str | Path, keys=("ap", "f1")) -> Path:
+    """Horizontal bars of per-class scores (multi-label: AP and F1 at the thresholds), best at the
+    top by the first key; a class without a score (AP without positives) gets no bar."""
+    names = sorted(per_class, key=lambda c: _number(per_class[c].get(keys[0])) or -1.0)
+    height = 0.8 / len(keys)
+    figure = Figure(figsize=(7, min(2 + 0.32 * len(names) * len(keys), 40)))
+    axes = figure.subplots()
+    for offset, key in enumerate(keys):
+        values = [_number(per_class[c].get(key)) for c in names]
+        rows = [i + offset * height for i, v in enumerate(values) if v is not None]
+        label = key.upper() if len(key) <= 3 else key
+        axes.barh(rows, [v for v in values if v is not None], height=height, label=label)
+    supports = [f"{c} ({per_class[c].get('support', '?')})" for c in names]
+    axes.set_yticks([i + height * (len(keys) - 1) / 2 for i in range(len(names))], labels=supports)
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("score")
+    axes.set_ylabel("class (positives)")
+    axes.grid(axis="x", alpha=0.3)
+    axes.legend(loc="lower right")
+    axes.set_title("Per-class scores")
+    return save_figure(figure, path)

@@ -196,6 +196,7 @@ def test_cli_on_a_multilabel_manifest_uses_the_checkpoints_thresholds(tmp_path, 
     assert result["per_class"]["green"]["support"] == 3
     assert 0 <= result["mAP"] <= 1 and "micro_f1" in result
     assert "mAP" in out and "thresholds: checkpoint" in out
+    assert (tmp_path / "e" / "per_class.png").stat().st_size > 0
 
 
 def test_cli_refuses_a_multilabel_manifest_for_a_single_label_checkpoint(tmp_path, capsys):

@@ -77,3 +77,10 @@ def test_a_failed_plot_leaves_the_previous_file_and_no_temp_file(tmp_path, monke
         plots.plot_history([{"train_loss": 1.0}], path)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["history.png"]
+
+
+def test_plot_per_class_skips_missing_scores(tmp_path):
+    per_class = {
+        f"tag_{i}": {"ap": None if i == 0 else i / 10, "f1": i / 12, "support": i} for i in range(8)
+    }
+    assert_png(plots.plot_per_class(per_class, tmp_path / "per_class.png"))
