@@ -22,7 +22,7 @@ from app.limits import BodySizeLimitMiddleware
 from app.metrics import Metrics
 from app.pipeline import Decoder
 from app.registry import ModelRegistry
-from app.routes import STATIC, api, ops
+from app.routes import STATIC, api, ops, page
 from app.settings import Settings, get_settings
 from app.tagger import resolve_device
 
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(ops)
+    app.include_router(page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

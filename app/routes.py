@@ -35,6 +35,7 @@ STATIC = Path(__file__).parent / "static"
 
 api = APIRouter(dependencies=[ApiKey], responses={401: {"model": ErrorResponse}})
 ops = APIRouter(dependencies=[OpsApiKey])
+page = APIRouter()  # always open: it holds no data, and it is where a person enters a key
 
 
 def _state(name: str):
@@ -269,6 +270,6 @@ async def metrics(metrics: MetricsDep, settings: SettingsDep) -> Response:
     return Response(metrics.render(), media_type=metrics.content_type)
 
 
-@ops.get("/", include_in_schema=False)
+@page.get("/", include_in_schema=False)
 async def upload_page() -> FileResponse:
     return FileResponse(STATIC / "index.html")
