@@ -18,10 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from model import data, metrics, plots
 from model.checkpoint import CheckpointError, ModelCard, atomic_write_bytes, load
+from model.imageio import open_rgb
+from model.preprocess import build_eval_transform
 
 SPLITS = ("test", "val", "train", "all")
 
@@ -209,6 +213,42 @@ def select_split(spec: data.DatasetSpec, split: str) -> list[data.Sample]:
     return samples
 
 
+class TolerantPhotoDataset(data.PhotoDataset):
+    """A photo that passed the header check but fails to decode (a truncated JPEG) becomes a
+    blank image with target -1, dropped after the forward pass by :func:`drop_undecodable`, so
+    one bad file never stops an evaluation (and it works across loader processes)."""
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        try:
+            return super().__getitem__(index)
+        except Exception:  # Pillow raises many types for a broken file
+            crop = self.transform(Image.new("RGB", (1, 1))).shape[-1]
+            target = data.encode_target(0, self.num_classes, self.task)
+            return torch.zeros(3, crop, crop), torch.full_like(target, -1)
+
+
+def drop_undecodable(
+    logits: Tensor, targets: Tensor, samples: Sequence[data.Sample]
+) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+    """Logits and targets without the rows of photos that failed to decode, and those photos
+    as (path, reason) pairs."""
+    failed = targets.reshape(len(targets), -1)[:, 0] < 0  # (N,)
+    reasons = [
+        (str(samples[i].path), _decode_error(samples[i].path)) for i in failed.nonzero()[:, 0]
+    ]
+    if failed.all():
+        raise EvaluationError(f"none of the {len(samples)} photos could be decoded")
+    return logits[~failed], targets[~failed], reasons
+
+
+def _decode_error(path: Path) -> str:
+    try:
+        open_rgb(str(path))
+    except Exception as exc:
+        return f"cannot decode ({type(exc).__name__}: {str(exc)[:120]})"
+    return "cannot decode"
+
+
 def default_workers() -> int:
     return min(4, (os.cpu_count() or 1) - 1)
 
@@ -265,17 +305,15 @@ def run(args: argparse.Namespace) -> dict:
     card = checkpoint.card
     spec, split, samples = load_split(args)
     samples = remap_samples(samples, class_mapping(spec.classes, card), card.task)
-    loader = data.make_eval_loader(
-        samples,
-        card.classes,
-        card.task,
-        card.preprocess,  # through build_eval_transform, as the server does
-        batch_size=args.batch_size,
-        workers=default_workers() if args.workers is None else args.workers,
+    dataset = TolerantPhotoDataset(
+        samples, len(card.classes), card.task, build_eval_transform(card.preprocess)
     )
+    workers = default_workers() if args.workers is None else args.workers
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
     device = args.device or default_device()
     model = checkpoint.build_model(device)
     logits, targets = predict(model, loader, device, tta_flip=args.tta_flip)
+    logits, targets, undecodable = drop_undecodable(logits, targets, samples)
     result = evaluate_predictions(
         logits, targets, card.classes, card.task, card.temperature, card.thresholds
     )
@@ -287,7 +325,7 @@ def run(args: argparse.Namespace) -> dict:
         "data": str(args.data),
         "split": split,
         "tta_flip": args.tta_flip,
-        "skipped": [list(item) for item in spec.skipped],
+        "skipped": [list(item) for item in [*spec.skipped, *undecodable]],
     }
     return {"source": source, **result}
 

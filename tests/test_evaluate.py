@@ -96,6 +96,8 @@ def test_class_mapping_matches_by_name_and_lists_unknown_classes(tmp_path):
 def test_cli_on_a_class_folder_evaluates_every_photo(tmp_path, capsys):
     photos = write_photos(tmp_path / "photos")
     (photos / "red" / "broken.jpg").write_bytes(b"not a photo")
+    whole = photo_bytes(size=(200, 150))
+    (photos / "green" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors", temperature=1.5)
     code, out, _ = run_cli(
         capsys, "--checkpoint", checkpoint, "--data", photos, "--out", tmp_path / "e"
@@ -103,14 +105,16 @@ def test_cli_on_a_class_folder_evaluates_every_photo(tmp_path, capsys):
     assert code == 0
     result = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert result["source"]["split"] == "all" and result["num_samples"] == 9
-    assert result["source"]["skipped"][0][0].endswith("broken.jpg")
+    skipped = dict(result["source"]["skipped"])
+    assert len(skipped) == 2 and "truncated" in skipped[str(photos / "green" / "truncated.jpg")]
+    assert "not a readable image" in skipped[str(photos / "red" / "broken.jpg")]
     assert sum(map(sum, result["confusion_matrix"])) == 9
     assert set(result["per_class"]) == set(TINY_CLASSES)
     assert result["calibration"]["temperature"] == 1.5
     assert {"accuracy", "top5", "macro_f1", "ece", "nll"} <= set(result)
     assert (tmp_path / "e" / "confusion.png").stat().st_size > 0
     assert (tmp_path / "e" / "reliability.png").stat().st_size > 0
-    assert "accuracy" in out and "1 unreadable skipped" in out and "evaluation.json" in out
+    assert "accuracy" in out and "2 unreadable skipped" in out and "evaluation.json" in out
 
 
 def test_cli_probabilities_are_the_servers(tmp_path, capsys):
