@@ -10,7 +10,7 @@ PHOTOTAG_PORT ?= $(or $(PORT),8000)
 export PHOTOTAG_CHECKPOINT PHOTOTAG_HOST PHOTOTAG_PORT
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format checkpoint clean
+.PHONY: run test lint format checkpoint clean bench bench-serve
 
 run: $(VENV)/.stamp-run $(PHOTOTAG_CHECKPOINT)  ## serve on $PHOTOTAG_HOST:$PHOTOTAG_PORT (0.0.0.0:8000)
 	$(BIN)/python -m app
@@ -25,6 +25,11 @@ lint: $(VENV)/.stamp-dev  ## ruff lint and format check
 format: $(VENV)/.stamp-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench: bench-serve  ## the serving benchmark (training benchmarks: see bench/README.md)
+
+bench-serve: $(VENV)/.stamp-dev  ## phototag vs the tutorial reference server (needs wrk)
+	$(BIN)/python bench/serve_bench.py
 
 checkpoint: $(PHOTOTAG_CHECKPOINT)  ## build the default ImageNet checkpoint
 

@@ -1,0 +1,242 @@
+"""phototag's server against the tutorial reference, back to back on this machine.
+
+For each photo set (phone-size and thumbnails) and each server: throughput and p50/p99 latency
+under load (wrk, concurrency 16, a rotating set of distinct photos), p50 of single requests on an
+idle server, peak RSS; then the ratios, and phototag's tag quality against a full-precision,
+full-decode forward pass.
+
+    make bench-serve          # or: .venv/bin/python bench/serve_bench.py --duration 20
+
+Needs `wrk` (Debian: apt-get install wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from photos import build_sets  # noqa: E402
+
+LOADGEN = REPO / "bench" / "loadgen.lua"
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    ready_path: str
+    tag_path: str
+    port: int
+    process: subprocess.Popen | None = None
+    results: dict[str, dict] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(server: Server, timeout: float = 180.0) -> None:
+    server.process = subprocess.Popen(
+        server.command, cwd=REPO, env={**os.environ, **server.env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited: {server.process.stderr.read().decode()}")
+        try:
+            with urllib.request.urlopen(server.url(server.ready_path), timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{server.name} was not ready within {timeout:.0f} s")
+
+
+def stop(server: Server) -> int:
+    """SIGTERM, wait; return the peak RSS (kB) the kernel recorded for the process."""
+    peak_kb = peak_rss_kb(server.process.pid)
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+    return peak_kb
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def wrk(server: Server, listing: Path, threads: int, connections: int, seconds: int) -> dict:
+    command = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s",
+        "-s", str(LOADGEN), server.url(server.tag_path), "--", str(listing),
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    stats = json.loads(out.strip().splitlines()[-1])
+    stats["throughput"] = stats["requests"] / (stats["duration_us"] / 1e6)
+    stats["errors"] = sum(v for k, v in stats.items() if k.startswith("errors_"))
+    return stats
+
+
+def run_server(server: Server, sets: dict[str, Path], args: argparse.Namespace) -> None:
+    start(server)
+    for set_name, listing in sets.items():
+        wrk(server, listing, 1, 2, 3)  # warm-up: first requests pay for lazy initialisation
+        idle = wrk(server, listing, 1, 1, args.idle_seconds)
+        loaded = wrk(server, listing, 2, args.concurrency, args.duration)
+        server.results[set_name] = {
+            "throughput": loaded["throughput"], "p50_ms": loaded["p50_us"] / 1e3,
+            "p99_ms": loaded["p99_us"] / 1e3, "errors": loaded["errors"],
+            "requests": loaded["requests"], "idle_p50_ms": idle["p50_us"] / 1e3,
+        }  # fmt: skip
+        r = server.results[set_name]
+        print(f"  {server.name:9s} {set_name:5s} {r['throughput']:7.1f} photos/s  "
+              f"p50 {r['p50_ms']:7.0f} ms  p99 {r['p99_ms']:7.0f} ms  "
+              f"idle p50 {r['idle_p50_ms']:6.0f} ms  errors {r['errors']}", flush=True)  # fmt: skip
+    if server.name == "phototag":
+        server.results["quality"] = tag_quality(server, sets)
+    server.results["peak_rss_mb"] = stop(server) / 1024
+
+
+def tag_quality(server: Server, sets: dict[str, Path]) -> dict:
+    """Served probabilities vs a float32 forward pass on the fully decoded photo."""
+    import torch
+
+    from model.checkpoint import load
+    from model.imageio import open_rgb
+    from model.preprocess import build_eval_transform
+
+    checkpoint = load(server.env["PHOTOTAG_CHECKPOINT"])
+    net = checkpoint.build_model()
+    transform = build_eval_transform(checkpoint.card.preprocess)
+    same_top1, diffs = 0, []
+    paths = [Path(p) for listing in sets.values() for p in listing.read_text().split()]
+    for path in paths:
+        with torch.inference_mode():
+            exact = net(transform(open_rgb(str(path))).unsqueeze(0)).softmax(1)[0]
+        served = torch.tensor(list(post_all(server, path).values()))
+        same_top1 += int(served.argmax() == exact.argmax())
+        diffs.append(float((served - exact).abs().max()))
+    return {
+        "photos": len(paths), "top1_agreement": same_top1 / len(paths),
+        "max_abs_diff": max(diffs), "mean_max_abs_diff": sum(diffs) / len(diffs),
+    }  # fmt: skip
+
+
+def post_all(server: Server, path: Path) -> dict[str, float]:
+    boundary = "qualitycheckboundary"
+    body = io.BytesIO()
+    body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+               f'filename="{path.name}"\r\nContent-Type: image/jpeg\r\n\r\n'.encode())  # fmt: skip
+    body.write(path.read_bytes())
+    body.write(f"\r\n--{boundary}--\r\n".encode())
+    request = urllib.request.Request(
+        server.url(server.tag_path + "?all=true&top_k=1"), data=body.getvalue(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.load(r)["results"][0]["probabilities"]
+
+
+def report(ours: Server, reference: Server, set_names: list[str]) -> str:
+    lines = [
+        "| set | server | photos/s | p50 ms | p99 ms | idle p50 ms | peak RSS MB | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for set_name in set_names:
+        for server in (ours, reference):
+            r = server.results[set_name]
+            lines.append(
+                f"| {set_name} | {server.name} | {r['throughput']:.1f} | {r['p50_ms']:.0f} | "
+                f"{r['p99_ms']:.0f} | {r['idle_p50_ms']:.0f} | {server.results['peak_rss_mb']:.0f} "
+                f"| {r['errors']} |"
+            )
+    lines.append("")
+    for set_name in set_names:
+        a, b = ours.results[set_name], reference.results[set_name]
+        lines.append(
+            f"{set_name}: throughput x{ratio(a['throughput'], b['throughput'])}, "
+            f"p50 x{ratio(b['p50_ms'], a['p50_ms'])} faster, "
+            f"idle p50 {a['idle_p50_ms']:.0f} vs {b['idle_p50_ms']:.0f} ms"
+        )
+    q = ours.results["quality"]
+    lines.append(
+        f"quality: top-1 equals the full-decode float32 forward pass on "
+        f"{q['top1_agreement']:.1%} of {q['photos']} photos; probabilities differ by at most "
+        f"{q['max_abs_diff']:.4f} (mean of per-photo max {q['mean_max_abs_diff']:.4f})"
+    )
+    return "\n".join(lines)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "inf"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=20, help="seconds of load per run")
+    parser.add_argument("--idle-seconds", type=int, default=8, help="seconds of single requests")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--count", type=int, default=40, help="distinct photos per set")
+    parser.add_argument("--sets", default="phone,thumb")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("serve_bench needs wrk: apt-get install wrk")
+    photos = build_sets(args.out / "photos", args.count)
+    sets = {name: args.out / "photos" / name / "list.txt" for name in args.sets.split(",")}
+    assert all(name in photos for name in sets)
+    checkpoint = args.out / "default.safetensors"
+    if not checkpoint.exists():
+        from model.pretrained import build_default_checkpoint
+
+        build_default_checkpoint(checkpoint)
+    python = sys.executable
+    ours = Server("phototag", [python, "-m", "app"], {
+        "PHOTOTAG_CHECKPOINT": str(checkpoint), "PHOTOTAG_HOST": "127.0.0.1",
+        "PHOTOTAG_PORT": str(port := free_port()), "PHOTOTAG_LOG_LEVEL": "warning",
+    }, "/readyz", "/v1/tags", port)  # fmt: skip
+    reference = Server("reference", [python, "bench/reference_server.py", "--port",
+                       str(port := free_port())], {"PYTHONPATH": str(REPO)}, "/health",
+                       "/predict", port)  # fmt: skip
+    for server in (ours, reference):
+        print(f"{server.name}: {' '.join(server.command[1:])}", flush=True)
+        run_server(server, sets, args)
+    text = report(ours, reference, list(sets))
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_bench.json").write_text(json.dumps(
+        {"phototag": ours.results, "reference": reference.results, "args": vars(args)},
+        indent=2, default=str))  # fmt: skip
+    (args.out / "serve_bench.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
