@@ -112,9 +112,9 @@ def save_evaluation(result: dict, out_dir: str | Path, prefix: str = "") -> list
     text = json.dumps(result, indent=2) + "\n"
     written = [atomic_write_bytes(out_dir / f"{prefix}evaluation.json", text.encode())]
     if "confusion_matrix" in result:
-        classes = list(result["per_class"])
+        matrix, classes = confusion_for_plot(result)
         path = out_dir / f"{prefix}confusion.png"
-        written.append(plots.plot_confusion(result["confusion_matrix"], classes, path))
+        written.append(plots.plot_confusion(matrix, classes, path))
     if result.get("task") == "multi_label":
         path = out_dir / f"{prefix}per_class.png"
         written.append(plots.plot_per_class(result["per_class"], path))
@@ -124,6 +124,19 @@ def save_evaluation(result: dict, out_dir: str | Path, prefix: str = "") -> list
         path = out_dir / f"{prefix}reliability.png"
         written.append(plots.plot_reliability(calibration["reliability_before"], after, path))
     return written
+
+
+def confusion_for_plot(result: dict, max_classes: int = 50) -> tuple[list[list[int]], list[str]]:
+    """The confusion matrix restricted to the classes that occur (true or predicted), and to the
+    ``max_classes`` most frequent of those: a 1000-class model on a few classes stays readable."""
+    matrix = torch.tensor(result["confusion_matrix"])
+    classes = list(result["per_class"])
+    if len(classes) <= max_classes:
+        return matrix.tolist(), classes
+    frequency = matrix.sum(0) + matrix.sum(1)  # (C,)
+    keep = frequency.argsort(descending=True, stable=True)[:max_classes]
+    keep = keep[frequency[keep] > 0].sort().values
+    return matrix[keep][:, keep].tolist(), [classes[i] for i in keep]
 
 
 def summary(result: dict) -> list[str]:
@@ -138,11 +151,13 @@ def summary(result: dict) -> list[str]:
             lines.append(f"no positives, AP skipped: {', '.join(result['ap_skipped'])}")
     else:
         calibration = result["calibration"]
+        ece = f"ECE {calibration['ece_after']:.3f} at T={calibration['temperature']:.2f}"
+        if calibration["temperature"] != 1.0:
+            ece += f" (ECE {calibration['ece_before']:.3f} at T=1)"
         lines = [
             f"accuracy {result['accuracy']:.1%}  top-{result['top5_k']} {result['top5']:.1%}  "
             f"macro F1 {result['macro_f1']:.3f}  NLL {result['nll']:.3f}",
-            f"ECE {calibration['ece_after']:.3f} at T={calibration['temperature']:.2f} "
-            f"(ECE {calibration['ece_before']:.3f} at T=1)",
+            ece,
         ]
     lines.append("weakest classes: " + _weakest(result["per_class"]))
     return lines
@@ -311,6 +326,8 @@ def run(args: argparse.Namespace) -> dict:
     workers = default_workers() if args.workers is None else args.workers
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
     device = args.device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device} but CUDA is not available here")
     model = checkpoint.build_model(device)
     logits, targets = predict(model, loader, device, tta_flip=args.tta_flip)
     logits, targets, undecodable = drop_undecodable(logits, targets, samples)

@@ -112,8 +112,8 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: list[str], path: st
 
 def _write_counts(axes, counts: np.ndarray, normalised: np.ndarray, font: int) -> None:
     for (row, col), count in np.ndenumerate(counts):
-        if count == 0 and row != col:
-            continue  # empty off-diagonal cells stay blank so the errors stand out
+        if count == 0 and (row != col or normalised[row].sum() == 0):
+            continue  # empty cells stay blank (bar a missed diagonal) so the errors stand out
         colour = "white" if normalised[row, col] > 0.5 else "black"
         axes.text(col, row, str(count), ha="center", va="center", fontsize=font, color=colour)
 

@@ -208,3 +208,13 @@ def test_cli_refuses_a_multilabel_manifest_for_a_single_label_checkpoint(tmp_pat
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
     code, _, err = run_cli(capsys, "--checkpoint", checkpoint, "--data", manifest)
     assert code == 2 and "multi-label" in err
+
+
+def test_confusion_plot_of_a_big_model_keeps_the_classes_that_occur():
+    classes = [f"c{i}" for i in range(200)]
+    matrix = torch.zeros(200, 200, dtype=torch.long)
+    matrix[3, 3], matrix[3, 150], matrix[7, 7] = 5, 2, 4
+    result = {"confusion_matrix": matrix.tolist(), "per_class": {c: {} for c in classes}}
+    small, kept = evaluate.confusion_for_plot(result)
+    assert kept == ["c3", "c7", "c150"]
+    assert small == [[5, 0, 2], [0, 4, 0], [0, 0, 0]]
