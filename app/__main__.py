@@ -6,7 +6,9 @@ most ``PHOTOTAG_SHUTDOWN_TIMEOUT_S``), then the lifespan drains the batcher; the
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -43,6 +45,9 @@ def main() -> int:
     except CheckpointError as exc:
         print(f"phototag: cannot start: {exc}", file=sys.stderr)
         return 2
+    # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly; answering that with
+    # a plain exit makes a graceful stop exit 0 (orchestrators read 143 as a crash).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "app.main:app",
         host=settings.host,
@@ -53,6 +58,10 @@ def main() -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

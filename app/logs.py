@@ -11,7 +11,13 @@ from datetime import UTC, datetime
 # The id of the request being served, for every log line written while serving it.
 request_id_var: ContextVar[str | None] = ContextVar("phototag_request_id", default=None)
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# LogRecord's own attributes (and uvicorn's ANSI-coloured copy of its message) are not fields.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, object]:
