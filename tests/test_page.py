@@ -1,0 +1,169 @@
+"""The upload page in a real headless browser (Debian's chromium, driven by Playwright): pick or
+drop a photo, see its tags as bars, choose the model, use an API key."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
+
+CHROMIUM = os.environ.get("PHOTOTAG_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+# CI (.ci/run) sets PHOTOTAG_REQUIRE_BROWSER=1: there a missing browser fails instead of skipping.
+REQUIRED = os.environ.get("PHOTOTAG_REQUIRE_BROWSER") == "1"
+if not Path(CHROMIUM).exists():
+    why = f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)"
+    if REQUIRED:
+        raise RuntimeError(why)
+    pytest.skip(why, allow_module_level=True)
+if REQUIRED:
+    from playwright import sync_api
+else:
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="needs the playwright package (pip install -e '.[dev]')"
+    )
+
+pytestmark = pytest.mark.slow
+
+
+class Server:
+    """The app under uvicorn on a free loopback port, in a thread (the browser needs HTTP)."""
+
+    def __init__(self, settings: Settings):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    folder = tmp_path / "models"
+    write_tiny_checkpoint(folder / "default.safetensors", seed=1, name="everyday")
+    write_tiny_checkpoint(folder / "pets.safetensors", seed=2, name="pets-v1")
+    return folder
+
+
+@pytest.fixture
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def photos(tmp_path: Path) -> list[Path]:
+    paths = []
+    for name, color in (("sunset.jpg", (230, 120, 40)), ("forest.png", (40, 150, 60))):
+        path = tmp_path / name
+        path.write_bytes(
+            photo_bytes((320, 240), color=color, fmt=path.suffix[1:].upper().replace("JPG", "JPEG"))
+        )
+        paths.append(path)
+    return paths
+
+
+def test_upload_a_photo_and_see_its_tags(browser, models, tmp_path):
+    settings = Settings(models_dir=models, device="cpu")
+    with Server(settings) as server:
+        page = browser.new_page(viewport={"width": 1100, "height": 640})
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model option[value='pets']", state="attached")
+        assert page.input_value("#model") == "default"
+        page.select_option("#model", "pets")
+        page.set_input_files("#files", [str(p) for p in photos(tmp_path)])
+        page.wait_for_function("document.querySelectorAll('.result .tag').length === 6")
+        cards = page.query_selector_all(".result")
+        assert len(cards) == 2
+        for card in cards:
+            labels = [e.inner_text() for e in card.query_selector_all(".tag-label")]
+            assert sorted(labels) == sorted(TINY_CLASSES)
+            assert "pets" in card.query_selector(".state").inner_text()
+            widths = card.eval_on_selector_all(".bar span", "els => els.map(e => e.style.width)")
+            assert all(w.endswith("%") and float(w[:-1]) > 0 for w in widths)
+        assert page.inner_text("#status") == "Done: 2 photos."
+        page.screenshot(path=str(screenshot_path(tmp_path, "page.png")), full_page=True)
+
+
+def test_dropping_a_photo_tags_it(browser, models):
+    with Server(Settings(models_dir=models, device="cpu")) as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model option[value='default']", state="attached")
+        data = base64.b64encode(photo_bytes((200, 150), fmt="PNG")).decode()
+        transfer = page.evaluate_handle(
+            """(data) => {
+                const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+                const t = new DataTransfer();
+                t.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+                return t;
+            }""",
+            data,
+        )
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_selector(".result .tag")
+        assert page.inner_text(".result .filename") == "dropped.png"
+
+
+def test_the_page_works_with_an_api_key_kept_in_local_storage(browser, models, tmp_path):
+    settings = Settings(models_dir=models, device="cpu", api_keys=["s3cret"])
+    with Server(settings) as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#status.error")
+        assert "API key" in page.inner_text("#status")
+        page.fill("#api-key", "s3cret")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#model option[value='pets']", state="attached")
+        page.reload()  # the key survives a reload
+        page.wait_for_selector("#model option[value='pets']", state="attached")
+        page.set_input_files("#files", str(photos(tmp_path)[0]))
+        page.wait_for_selector(".result .tag")
+        page.fill("#api-key", "wrong")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#status.error")
+
+
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    folder = Path(os.environ.get("PHOTOTAG_SCREENSHOTS", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
