@@ -18,7 +18,9 @@ class BodyTooLarge(ApiError):
     """Raised from ``receive`` mid-stream; the app's ApiError handler answers 413."""
 
     def __init__(self, limit: int):
-        super().__init__(413, "payload_too_large", _message(limit))
+        # The app's handler answers this one, mid-stream: without "Connection: close" the server
+        # would keep the connection and read (and discard) the rest of a body of any size.
+        super().__init__(413, "payload_too_large", _message(limit), {"Connection": "close"})
 
 
 class BodySizeLimitMiddleware:
