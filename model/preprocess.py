@@ -65,10 +65,35 @@ class Preprocess:
         )
 
 
+# Longest side kept, as a multiple of the shorter one, before the resize (see limit_aspect).
+MAX_ASPECT = 4
+
+
+def limit_aspect(image: Image.Image) -> Image.Image:
+    """Center-crop the long side to at most MAX_ASPECT x the short side.
+
+    Resizing the shorter side of a 30000x2 strip to 256 px would make a 3840000x256 image
+    (gigabytes, seconds) from a PNG of a few hundred bytes. The center crop that follows the resize
+    only ever keeps the middle short x short square (crop <= resize), so cutting the long side to
+    4x the short one first keeps everything it and the resampling filter read: photos up to 4:1
+    are untouched, longer ones give the same crop up to sub-pixel resampling."""
+    width, height = image.size
+    short = min(width, height)
+    if max(width, height) <= MAX_ASPECT * short:
+        return image
+    keep = MAX_ASPECT * short
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
+
+
 def build_eval_transform(pre: Preprocess) -> T.Compose:
     """PIL RGB image (any size) -> normalised float tensor (3, crop, crop)."""
     return T.Compose(
         [
+            limit_aspect,  # bounded memory for extreme strips, before anything is allocated
             T.PILToTensor(),  # (3, H, W) uint8
             T.Resize(pre.resize, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True),
             T.CenterCrop(pre.crop),
