@@ -604,8 +604,8 @@ def test_image_build_and_start_steps_run_outside_docker(tmp_path: Path, stages):
         assert (models / "default.safetensors").is_file()
 
         server.send_signal(signal.SIGTERM)  # what `docker stop` sends to PID 1
-        # uvicorn shuts down gracefully, then re-raises the signal (exit 0 as a container's PID 1)
-        assert server.wait(timeout=60) in (0, -signal.SIGTERM), output()
+        # In-flight requests finish, the lifespan drains, then exit 0 (not 143, read as a crash).
+        assert server.wait(timeout=60) == 0, output()
         assert "Application shutdown complete" in output(), output()
         print(f"image build steps outside Docker: {built_s:.0f} s")
     finally:
