@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import torch
 from fastapi import APIRouter, Depends, Query, Request
@@ -38,14 +38,23 @@ ops = APIRouter(dependencies=[OpsApiKey])
 page = APIRouter()  # always open: it holds no data, and it is where a person enters a key
 
 
-def _state(name: str):
-    def get(request: Request):
-        value = getattr(request.state, name, None)
-        if value is None:
-            raise ModelNotReady()
-        return value
+def _lifespan_state(request: Request, name: str) -> object:
+    value = getattr(request.state, name, None)
+    if value is None:  # the lifespan has not started (or has stopped) serving
+        raise ModelNotReady()
+    return value
 
-    return get
+
+def get_registry(request: Request) -> ModelRegistry:
+    return cast(ModelRegistry, _lifespan_state(request, "registry"))
+
+
+def get_batcher(request: Request) -> Batcher:
+    return cast(Batcher, _lifespan_state(request, "batcher"))
+
+
+def get_decoder(request: Request) -> Decoder:
+    return cast(Decoder, _lifespan_state(request, "decoder"))
 
 
 def get_settings(request: Request) -> Settings:
@@ -56,9 +65,9 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-RegistryDep = Annotated[ModelRegistry, Depends(_state("registry"))]
-BatcherDep = Annotated[Batcher, Depends(_state("batcher"))]
-DecoderDep = Annotated[Decoder, Depends(_state("decoder"))]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+DecoderDep = Annotated[Decoder, Depends(get_decoder)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
@@ -135,7 +144,9 @@ async def tag_photos(
     settings: SettingsDep,
     decoder: DecoderDep,
     batcher: BatcherDep,
-    top_k: Annotated[int | None, Query(ge=1, description="Tags per photo (default 5).")] = None,
+    top_k: Annotated[
+        int | None, Query(ge=1, description="Tags per photo (default 5).", examples=[3])
+    ] = None,
     threshold: Annotated[
         float | None,
         Query(
