@@ -32,7 +32,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from model.imageio import open_rgb
-from model.preprocess import INTERPOLATIONS, Preprocess, build_eval_transform
+from model.preprocess import INTERPOLATIONS, Preprocess, build_eval_transform, limit_aspect
 
 SPLITS = ("train", "val", "test")
 TASKS = ("single_label", "multi_label")
@@ -346,9 +346,9 @@ def fingerprint(spec: DatasetSpec, root: Path) -> str:
 
 
 def decode_at_working_size(path: str | Path, pre: Preprocess) -> torch.Tensor:
-    """A photo -> uint8 (3, H, W) with the shorter side at ``pre.resize``: the first two steps
-    of :func:`build_eval_transform`, so the eval transform's own resize is then a no-op."""
-    image = TF.pil_to_tensor(open_rgb(str(path)))  # (3, H, W) uint8
+    """A photo -> uint8 (3, H, W) with the shorter side at ``pre.resize``, as the first steps of
+    :func:`build_eval_transform` make it, so that transform's own resize is then a no-op."""
+    image = TF.pil_to_tensor(limit_aspect(open_rgb(str(path))))  # (3, H, W) uint8
     return T.Resize(pre.resize, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)(
         image
     )
@@ -437,7 +437,7 @@ class Augment:
 def build_train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
     """PIL image or uint8 tensor (3, H, W) -> augmented, normalised float (3, crop, crop)."""
     interpolation = INTERPOLATIONS[pre.interpolation]
-    steps: list[Callable] = [T.PILToTensor()]
+    steps: list[Callable] = [_limit_aspect_of_pil, T.PILToTensor()]
     if aug.random_resized_crop:
         steps.append(
             T.RandomResizedCrop(
@@ -469,6 +469,17 @@ def build_train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
     if aug.random_erasing > 0:
         steps.append(T.RandomErasing(p=aug.random_erasing))
     return T.Compose(steps)
+
+
+def _limit_aspect_of_pil(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    """Cached tensors were limited when decoded; a photo opened from disk is limited here."""
+    return limit_aspect(image) if isinstance(image, Image.Image) else image
+
+
+def as_pil(image: Image.Image | torch.Tensor) -> Image.Image:
+    """The eval transform takes PIL images (as the server hands it): cached uint8 tensors are
+    turned back into one, losslessly."""
+    return TF.to_pil_image(image) if isinstance(image, torch.Tensor) else image
 
 
 def _shift_pixels(pre: Preprocess, aug: Augment) -> int:
@@ -570,5 +581,6 @@ def make_eval_loader(
     transform, ``build_eval_transform(preprocess)``. ``classes`` is the class list or its length.
     """
     num_classes = classes if isinstance(classes, int) else len(classes)
-    dataset = PhotoDataset(samples, num_classes, task, build_eval_transform(preprocess), cache)
+    transform = T.Compose([as_pil, build_eval_transform(preprocess)])
+    dataset = PhotoDataset(samples, num_classes, task, transform, cache)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from model import architectures, data
 from model.checkpoint import ModelCard, atomic_write_bytes, save
 from model.data import Augment
-from model.preprocess import Preprocess, build_eval_transform
+from model.preprocess import Preprocess
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best.safetensors"
@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 0  # seeds the split, the initialisation, the sampling and the augmentation
     cache: bool = True  # decode every photo once at the working size and keep it in memory
     workers: int = 2  # data-loading processes (0 = in the main process)
+    threads: int = 0  # torch CPU threads (0 = torch's default, one per core)
     amp: bool = True  # mixed precision and channels-last, on CUDA only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -301,22 +302,11 @@ def _seed_worker(worker_id: int) -> None:
 def eval_batches(
     samples: list[data.Sample], spec, cache, pre: Preprocess, batch_size: int, workers: int
 ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """A function giving ``(images, targets)`` batches through ``build_eval_transform(pre)``:
-    applied to stacked cached tensors when the photos share a size, else per photo."""
-    stack = cache.stack(samples) if cache else None
-    if stack is None:
-        loader = data.make_eval_loader(
-            samples, spec.num_classes, spec.task, pre, batch_size, workers, cache
-        )
-        return lambda: iter(loader)
-    transform = build_eval_transform(pre)
-    targets = data.PhotoDataset(samples, spec.num_classes, spec.task, transform).targets()
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(samples), batch_size):
-            yield transform(stack[start : start + batch_size]), targets[start : start + batch_size]
-
-    return batches
+    """A function giving ``(images, targets)`` batches through ``build_eval_transform(pre)``."""
+    loader = data.make_eval_loader(
+        samples, spec.num_classes, spec.task, pre, batch_size, workers, cache
+    )
+    return lambda: iter(loader)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,6 +446,8 @@ class Trainer:
         self.device = resolve_device(cfg.device, ddp)
         self.cuda = self.device.type == "cuda"
         self.amp = cfg.amp and self.cuda
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed + ddp.rank)
         random.seed(cfg.seed + ddp.rank)
         self.spec, self.cache = prepare_data(cfg, log)
