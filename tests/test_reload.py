@@ -85,10 +85,10 @@ def test_models_appear_and_disappear_with_their_files(client_for, tmp_path):
 
 def test_an_in_flight_request_finishes_on_the_model_it_started_on(client_for, tmp_path):
     path = write_tiny_checkpoint(tmp_path / "tiny.safetensors", seed=1)
-    client = client_for(path, max_batch_wait_ms=1500, max_batch_size=8, **FAST)
+    client = client_for(path, max_batch_wait_ms=3000, max_batch_size=8, **FAST)
     old = served_version(client)
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(tag, client)  # sits in the batcher for 1.5 s
+        pending = pool.submit(tag, client)  # sits in the batcher for 3 s
         time.sleep(0.2)
         new = load(write_tiny_checkpoint(path, seed=2)).version
         wait_until(lambda: served_version(client) == new)

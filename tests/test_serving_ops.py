@@ -49,7 +49,7 @@ def forward_sizes(monkeypatch):
 
 
 def test_concurrent_requests_are_batched_together(client_for, tiny_checkpoint, forward_sizes):
-    client = client_for(tiny_checkpoint, max_batch_size=8, max_batch_wait_ms=300)
+    client = client_for(tiny_checkpoint, max_batch_size=8, max_batch_wait_ms=500)
     forward_sizes.clear()  # the warm-up passes
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: tag(client), range(8)))

@@ -48,7 +48,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path):
         "PHOTOTAG_HOST": "127.0.0.1",
         "PHOTOTAG_PORT": str(port),
         "PHOTOTAG_DEVICE": "cpu",
-        "PHOTOTAG_MAX_BATCH_WAIT_MS": "1500",  # the request is still in flight at SIGTERM
+        "PHOTOTAG_MAX_BATCH_WAIT_MS": "3000",  # the request is still in flight at SIGTERM
         "PHOTOTAG_LOG_FORMAT": "json",
     }
     process = subprocess.Popen(
@@ -66,7 +66,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path):
             pending = pool.submit(
                 httpx.post, f"{base}/v1/tags", files={"file": ("a.jpg", photo_bytes())}, timeout=30
             )
-            time.sleep(0.5)
+            time.sleep(1.0)  # the request is in, waiting in the batcher
             process.send_signal(signal.SIGTERM)
             response = pending.result(timeout=30)
         assert process.wait(timeout=30) == 0
