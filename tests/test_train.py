@@ -285,3 +285,13 @@ def test_balanced_sampling_draws_classes_equally():
     drawn = torch.tensor(list(sampler))
     rare = (drawn >= 90).float().mean()
     assert len(drawn) == 100 and 0.35 < rare < 0.65
+
+
+def test_seed_cnn_can_pool_after_the_first_conv_of_each_block():
+    args = {"widths": [8, 16], "convs_per_block": 2, "batch_norm": True, "hidden": []}
+    late = architectures.build("seed_cnn", 10, **args)
+    early = architectures.build("seed_cnn", 10, **args, pool_first=True)
+    assert early(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in early.parameters()) == sum(p.numel() for p in late.parameters())
+    kinds = [type(m).__name__ for m in early.features[:8]]
+    assert kinds[:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
