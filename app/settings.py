@@ -46,8 +46,9 @@ class Settings(BaseSettings):
     )
     autocast: Literal["auto", "off", "fp16", "bf16"] = Field(
         "auto",
-        description="Reduced precision on CUDA: auto (bf16 where the GPU has it, else fp16), off, "
-        "fp16 or bf16. Always off on the CPU.",
+        description="Reduced precision for inference: auto (CUDA: bf16 where the GPU has it, "
+        "else fp16; CPU: bf16 where the CPU has native bf16, else float32), off (float32), "
+        "fp16 (CUDA only) or bf16.",
     )
     torch_threads: int = Field(
         0, ge=0, description="CPU threads for inference; 0 lets torch choose (one per core)."

@@ -96,6 +96,7 @@ def client_for() -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
     def make(checkpoint: Path, **overrides: object) -> TestClient:
+        overrides.setdefault("autocast", "off")  # exact float32: tests compare probabilities
         settings = Settings(checkpoint=checkpoint, device="cpu", **overrides)
         client = TestClient(create_app(settings))
         client.__enter__()

@@ -5,14 +5,42 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app import tagger as tagger_module
 from app.tagger import Tagger, resolve_autocast
 
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("setting", ["auto", "off", "fp16", "bf16"])
-def test_the_cpu_never_autocasts(setting):
-    assert resolve_autocast(setting, torch.device("cpu")) is None
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("setting", "native_bf16", "expected"),
+    [
+        ("auto", True, torch.bfloat16),
+        ("bf16", True, torch.bfloat16),
+        ("auto", False, None),
+        ("bf16", False, None),
+        ("fp16", True, None),
+        ("off", True, None),
+    ],
+)
+def test_cpu_autocasts_to_bf16_only_where_the_cpu_has_it(monkeypatch, setting, native_bf16,
+                                                         expected):  # fmt: skip
+    monkeypatch.setattr(tagger_module, "cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve_autocast(setting, CPU) == expected
+
+
+def test_cpu_bf16_probabilities_stay_within_0_02_of_float32(default_checkpoint):
+    if not tagger_module.cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX): the server uses float32")
+    exact = Tagger.from_file(str(default_checkpoint), "cpu", "off")
+    fast = Tagger.from_file(str(default_checkpoint), "cpu", "auto")
+    assert fast.amp_dtype == torch.bfloat16
+    torch.manual_seed(0)
+    batch = torch.randn(4, 3, 224, 224)
+    difference = (fast.probabilities(batch) - exact.probabilities(batch)).abs().max()
+    assert difference <= 0.02
 
 
 @pytest.mark.parametrize(
