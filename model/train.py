@@ -58,7 +58,7 @@ class TrainConfig:
     weights: str | None = None  # local file of backbone weights (torchvision .pth or checkpoint)
     name: str = ""  # model name in the card; default: the run folder's name
     task: str | None = None  # force single_label/multi_label for a manifest; default: inferred
-    epochs: int = 10  # passes over the training split (the last may stop early)
+    epochs: int = 6  # passes over the training split (fine-tuning needs few; early stop may cut)
     batch_size: int = 32  # photos per optimizer step, over all processes together
     optimizer: str = "adamw"  # adamw | sgd (nesterov)
     lr: float = 1e-3  # peak learning rate of the head (of everything, from scratch)
