@@ -20,6 +20,7 @@ from tests.stress.server import Server
 BATCH_WAIT_MS = 300
 # A request sent this long before SIGTERM has reached the server: it must be answered 200.
 IN_FLIGHT_MARGIN_S = 0.1
+CLOSED_UNANSWERED = {"ReadError", "RemoteProtocolError"}
 
 
 async def client_loop(base: str, deadline: float, outcomes: list) -> None:
@@ -80,7 +81,9 @@ def run(concurrency: int = 32, before_s: float = 10) -> dict:
     assert all(o[1] == 200 for o in early), [o for o in early if o[1] != 200][:5]
     assert in_flight > 0, "nothing was in flight at SIGTERM"
     for _, status, code, retry_after in late:
-        assert status in (200, 0, 503), (status, code)
+        # 0: connection refused (the listener is closed); -1 with no answer at all: accepted
+        # in the moment of SIGTERM and closed by uvicorn before the app saw the request.
+        assert status in (200, 0, 503) or code in CLOSED_UNANSWERED, (status, code)
         assert status != 503 or (code == "shutting_down" and retry_after), (code, retry_after)
     assert '"status": 5' not in log.replace('"status": 503', "")
     assert "stopped: queue drained" in log

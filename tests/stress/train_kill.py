@@ -83,11 +83,13 @@ def run(kills: int = 10, epochs: int = 30, seed: int = 0, max_delay_s: float = 0
     root = workdir("train-kill")
     photos, run_dir = make_photos(root / "photos"), root / "run"
     killed_at_epoch, checked = [], 0
-    for _ in range(kills):
+    for kill in range(kills):
         process = start(photos, run_dir, epochs)
         # A random moment: after a random number of further complete epochs (none: during start-up),
         # plus a random fraction of a second: in an epoch, a checkpoint write, or the final report.
-        target = rng.randint(len(epochs_done(run_dir)), epochs)
+        done = len(epochs_done(run_dir))
+        # On average an equal share of the remaining epochs per remaining kill: spread out.
+        target = min(epochs, done + rng.randint(0, 2 * (epochs - done) // (kills - kill)))
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while len(epochs_done(run_dir)) < target and process.poll() is None:
             if time.monotonic() > deadline:
