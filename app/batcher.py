@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -81,6 +81,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
+        self._admitted = 0  # photos of requests between admit() and their answer
         # One inference thread: a forward pass already uses every core (or the whole GPU).
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="phototag-infer")
 
@@ -94,6 +95,21 @@ class Batcher:
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
+
+    @contextlib.contextmanager
+    def admit(self, photos: int) -> Iterator[None]:
+        """Reserve queue room for a request's photos before they are decoded, so an overloaded
+        server refuses at once instead of after decoding (the event loop is single-threaded:
+        no lock needed)."""
+        if self._closing:
+            raise ShuttingDown()
+        if self._admitted + photos > self.max_queue:
+            raise Overloaded(self._admitted, self.max_queue)
+        self._admitted += photos
+        try:
+            yield
+        finally:
+            self._admitted -= photos
 
     async def infer(
         self, model: Model, tensors: list[torch.Tensor], label: str = ""

@@ -68,14 +68,15 @@ async def probabilities_for(
     uploads: list[Upload], tagger: Tagger, label: str, decoder: Decoder, batcher: Batcher
 ) -> list[Result]:
     """Per upload, its (num_classes,) probabilities or the ApiError that failed it; raises the
-    first error when every photo failed."""
-    decoded = await asyncio.gather(*(_tensor_or_error(u, tagger, decoder) for u in uploads))
-    good = [i for i, item in enumerate(decoded) if isinstance(item, torch.Tensor)]
-    results: list[Result] = list(decoded)
-    if good:
-        probs = await batcher.infer(tagger, [decoded[i] for i in good], label)
-        for i, result in zip(good, probs, strict=True):
-            results[i] = result
+    first error when every photo failed, and Overloaded at once when the queue has no room."""
+    with batcher.admit(len(uploads)):
+        decoded = await asyncio.gather(*(_tensor_or_error(u, tagger, decoder) for u in uploads))
+        good = [i for i, item in enumerate(decoded) if isinstance(item, torch.Tensor)]
+        results: list[Result] = list(decoded)
+        if good:
+            probs = await batcher.infer(tagger, [decoded[i] for i in good], label)
+            for i, result in zip(good, probs, strict=True):
+                results[i] = result
     errors = [r for r in results if isinstance(r, ApiError)]
     if len(errors) == len(results):
         raise errors[0]

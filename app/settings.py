@@ -65,7 +65,10 @@ class Settings(BaseSettings):
         "CPU, 5 ms on GPU.",
     )
     max_queue: int = Field(
-        256, ge=1, description="Most photos waiting for inference; beyond it 503 at once."
+        256,
+        ge=1,
+        description="Most photos in the server at once (decoding, queued or in a forward pass); "
+        "a request that would exceed it gets 503 at once, before decoding.",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Longest a photo waits for inference (queue + forward), 503."

@@ -185,6 +185,25 @@ def test_an_unexpected_model_error_fails_that_batch_only():
     assert float(fine[0][0]) == 3
 
 
+def test_admission_reserves_room_before_decoding_and_frees_it_after():
+    async def scenario():
+        b = batcher(max_batch_size=4, max_wait_s=0, max_queue=3)
+        with b.admit(2):
+            with pytest.raises(Overloaded):
+                with b.admit(2):  # 2 + 2 > 3: refused before any decoding would start
+                    pass
+            with b.admit(1):
+                pass
+        with b.admit(3):  # the room came back
+            pass
+        with pytest.raises(RuntimeError), b.admit(3):
+            raise RuntimeError("a decode failed")
+        with b.admit(3):  # ... and it comes back after a failure too
+            pass
+
+    run(scenario())
+
+
 def test_close_finishes_queued_photos_then_refuses_new_ones():
     model = FakeModel()
 

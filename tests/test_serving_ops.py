@@ -79,7 +79,8 @@ def block_forward_passes(monkeypatch) -> threading.Event:
 def test_a_full_queue_answers_503_with_retry_after_at_once(
     client_for, tiny_checkpoint, monkeypatch
 ):
-    client = client_for(tiny_checkpoint, max_queue=1, max_batch_size=1, max_batch_wait_ms=0)
+    # max_queue counts every photo admitted: the one in the forward pass and the queued one
+    client = client_for(tiny_checkpoint, max_queue=2, max_batch_size=1, max_batch_wait_ms=0)
     gate = block_forward_passes(monkeypatch)
     try:
         with ThreadPoolExecutor(2) as pool:
