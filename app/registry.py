@@ -96,7 +96,7 @@ class ModelRegistry:
             if isinstance(error, CheckpointError):
                 raise error
             raise CheckpointError(f"the default model {self.default_name!r}: {error}")
-        log.info("serving %s; default %s", ", ".join(self.names()), self.default_name)
+        log.info("serving models: %s (default: %s)", ", ".join(self.names()), self.default_name)
 
     def _choose_default(self, sources: dict[str, Path]) -> str:
         wanted = self.settings.default_model
