@@ -13,7 +13,7 @@ python=${PYTHON:-.venv/bin/python}
 # Shared cores: OpenMP threads that sleep instead of spinning while they wait for each other
 # keep two-thread torch from stalling when other processes hold a core.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-epochs=${EPOCHS:-10}
+epochs=${EPOCHS:-18}
 [[ -d $data ]] || { echo "no photo set at $data (see ../shared/data/README.md)" >&2; exit 1; }
 net='{"widths": [32, 64, 128], "convs_per_block": 2, "pool_first": true, "batch_norm": true,
       "hidden": [], "dropout": 0.1}'

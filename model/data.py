@@ -349,9 +349,10 @@ def decode_at_working_size(path: str | Path, pre: Preprocess) -> torch.Tensor:
     """A photo -> uint8 (3, H, W) with the shorter side at ``pre.resize``, as the first steps of
     :func:`build_eval_transform` make it, so that transform's own resize is then a no-op."""
     image = TF.pil_to_tensor(limit_aspect(open_rgb(str(path))))  # (3, H, W) uint8
-    return T.Resize(pre.resize, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)(
-        image
-    )
+    if min(image.shape[-2:]) == pre.resize:
+        return image  # what the resize would return; skipping it saves most of a tiny photo's time
+    interpolation = INTERPOLATIONS[pre.interpolation]
+    return TF.resize(image, [pre.resize], interpolation=interpolation, antialias=True)
 
 
 class ImageCache:

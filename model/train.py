@@ -628,6 +628,8 @@ class Trainer:
     def fit(self, on_epoch_end: Callable[[int], None] | None = None) -> None:
         """Train to ``cfg.epochs`` or an early stop; ``on_epoch_end(epochs_done)`` after each."""
         progress = self.progress
+        epochs_bar = self.log.bar(self.cfg.epochs, "epochs", leave=True)
+        epochs_bar.update(progress.epoch)
         while progress.epoch < self.cfg.epochs and not progress.stopped_early:
             epoch = progress.epoch
             row = {"epoch": epoch + 1, "phase": "head" if self.frozen(epoch) else "all"}
@@ -636,8 +638,11 @@ class Trainer:
             progress.epoch += 1
             stop = self.end_epoch(row) if self.ddp.main else False
             progress.stopped_early = bool(broadcast(stop, self.ddp))
+            epochs_bar.update()
+            epochs_bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.startswith("val_")})
             if on_epoch_end:
                 on_epoch_end(progress.epoch)
+        epochs_bar.close()
         if progress.stopped_early:
             self.log.info(
                 f"stopped early: no better validation score for {self.cfg.patience} epochs"
