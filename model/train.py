@@ -221,11 +221,14 @@ class BalancedSampler(Sampler[int]):
         return self.per_rank
 
 
+def photo_classes(sample: data.Sample) -> list[int]:
+    return [sample.target] if isinstance(sample.target, int) else list(sample.target)
+
+
 def class_counts(spec: data.DatasetSpec) -> torch.Tensor:
     counts = torch.zeros(spec.num_classes)
     for sample in spec.train:
-        for index in [sample.target] if isinstance(sample.target, int) else sample.target:
-            counts[index] += 1
+        counts[photo_classes(sample)] += 1
     return counts
 
 
@@ -234,12 +237,10 @@ def make_sampler(spec: data.DatasetSpec, cfg: TrainConfig, ddp: Dist) -> Sampler
         inverse = 1.0 / class_counts(spec).clamp_min(1)
         weights = torch.tensor(
             [
-                float(inverse[s.target])
-                if isinstance(s.target, int)
-                else float(inverse[s.target].mean())
+                float(inverse[classes].mean()) if (classes := photo_classes(s)) else 1.0
                 for s in spec.train
             ]
-        )
+        )  # a multi-label photo without tags weighs as much as one of a single-photo class
         return BalancedSampler(weights, ddp, cfg.seed)
     return DistributedSampler(
         range(len(spec.train)), num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=cfg.seed

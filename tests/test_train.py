@@ -295,3 +295,16 @@ def test_seed_cnn_can_pool_after_the_first_conv_of_each_block():
     assert sum(p.numel() for p in early.parameters()) == sum(p.numel() for p in late.parameters())
     kinds = [type(m).__name__ for m in early.features[:8]]
     assert kinds[:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+
+
+def test_balancing_works_for_multi_label_photos_without_tags():
+    from model.data import DatasetSpec, Sample
+
+    photos = [
+        Sample(Path(f"{i}.jpg"), [0] if i < 8 else ([0, 1] if i == 8 else [])) for i in range(10)
+    ]
+    spec = DatasetSpec(["a", "b"], "multi_label", photos, [], [])
+    sampler = train.make_sampler(spec, TrainConfig(balance="sampler"), train.Dist())
+    assert len(list(sampler)) == 10
+    loss = train.loss_function(spec, TrainConfig(balance="loss"), torch.device("cpu"))
+    assert torch.isfinite(loss(torch.zeros(2, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0]])))
