@@ -12,7 +12,7 @@ from PIL import Image
 from model.checkpoint import Checkpoint, CheckpointError, ModelCard
 from model.checkpoint import load as load_checkpoint
 from model.inference import fold_batchnorm
-from model.preprocess import build_eval_transform
+from model.preprocess import normalize, resize_and_crop
 
 log = logging.getLogger("phototag.tagger")
 
@@ -77,7 +77,6 @@ class Tagger:
         self.model = fold_batchnorm(checkpoint.build_model(device))
         # channels-last: cuDNN's and oneDNN's fast convolution layout (1.4x on a CPU here)
         self.model = self.model.to(memory_format=torch.channels_last)
-        self.transform = build_eval_transform(self.card.preprocess)
         self.ready = False
 
     @classmethod
@@ -98,18 +97,23 @@ class Tagger:
         return self.card.preprocess.resize
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """RGB images -> normalised (B, 3, crop, crop) float batch, as the checkpoint says."""
+        """RGB images -> uint8 (B, 3, crop, crop) pixels, resized and cropped as the checkpoint
+        says; :meth:`probabilities` normalises them."""
         return torch.stack([self.preprocess_one(image) for image in images])
 
     def preprocess_one(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image -> (3, crop, crop); runs on a decode thread, beside the decoding."""
-        return self.transform(image)
+        """One RGB image -> uint8 (3, crop, crop); runs on a decode thread, beside the decoding
+        (Pillow only: torch's threads stay with the network)."""
+        return resize_and_crop(image, self.card.preprocess)
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, num_classes) probabilities on the CPU: softmax of the
-        temperature-scaled logits, or one sigmoid per tag for a multi-label model."""
+        """(B, 3, H, W) uint8 pixels (normalised here, on the device) or already normalised
+        floats -> (B, num_classes) probabilities on the CPU: softmax of the temperature-scaled
+        logits, or one sigmoid per tag for a multi-label model."""
         batch = batch.to(self.device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            batch = normalize(batch, self.card.preprocess)
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
@@ -128,7 +132,7 @@ class Tagger:
         the first real requests pay no start-up cost."""
         crop = self.card.preprocess.crop
         for size in batch_sizes:
-            self.probabilities(torch.zeros(size, 3, crop, crop))
+            self.probabilities(torch.zeros(size, 3, crop, crop, dtype=torch.uint8))
         self.ready = True
         log.info(
             "model %s version %s ready on %s (autocast %s)",
