@@ -51,7 +51,10 @@ class Settings(BaseSettings):
         "fp16 (CUDA only) or bf16.",
     )
     torch_threads: int = Field(
-        0, ge=0, description="CPU threads for inference; 0 lets torch choose (one per core)."
+        0,
+        ge=0,
+        description="torch threads for the network; 0: a quarter of the cores on a CPU (at "
+        "least one; the rest decode photos), torch's choice on a GPU.",
     )
 
     # --- batching
