@@ -24,11 +24,15 @@ def fit_temperature(logits: Tensor, labels: Tensor) -> float:
     """The temperature T minimising the NLL of ``softmax(logits / T)`` on (validation) data.
 
     Optimises log T with LBFGS, clamps T to :data:`TEMPERATURE_RANGE`, and returns 1.0 when the
-    data is empty or the fitted T does not lower the NLL (nothing to fix, or a failed fit)."""
+    data is empty, when every prediction is right (the NLL then falls without end as T -> 0:
+    the data cannot say how confident to be, and the fit would make every answer near-certain),
+    or when the fitted T does not lower the NLL (nothing to fix, or a failed fit)."""
     if logits.numel() == 0 or len(labels) == 0:
         return 1.0
     logits = logits.detach().double().cpu()
     labels = labels.detach().long().cpu()
+    if bool((logits.argmax(dim=1) == labels).all()):
+        return 1.0
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [log_t], lr=0.5, max_iter=200, tolerance_change=1e-12, line_search_fn="strong_wolfe"

@@ -160,3 +160,8 @@ def test_nothing_on_the_serving_path_can_unpickle():
         text = (root / module).read_text()
         for call in ("import pickle", "pickle.load", "torch.load(", "weights_only=False"):
             assert call not in text, f"{module} uses {call}"
+
+
+def test_saved_files_are_readable_by_other_users(tiny_checkpoint: Path):
+    """A server in a container runs as another user than the training run that wrote the file."""
+    assert tiny_checkpoint.stat().st_mode & 0o777 == 0o644

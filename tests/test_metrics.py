@@ -63,11 +63,20 @@ def test_fit_temperature_falls_back_to_one_when_nothing_improves():
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
 
 
-def test_fit_temperature_stays_in_range_on_separable_data():
+def test_fit_temperature_stays_in_range_on_nearly_separable_data():
     labels = torch.arange(30) % 3
     logits = torch.nn.functional.one_hot(labels, 3).float() * 50
+    logits[0] = torch.tensor([0.0, 1.0, 0.0])  # one mistake
     temperature = fit_temperature(logits, labels)
     assert TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]
+
+
+def test_fit_temperature_keeps_one_when_every_prediction_is_right():
+    """No mistake to learn from: the NLL would fall without end as T -> 0 and make every
+    served probability near 1. An all-correct validation set leaves the model as it is."""
+    labels = torch.arange(30) % 3
+    logits = torch.nn.functional.one_hot(labels, 3).float() * 2 + 0.1 * torch.randn(30, 3)
+    assert fit_temperature(logits, labels) == 1.0
 
 
 def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
