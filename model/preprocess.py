@@ -119,11 +119,12 @@ def resize_and_crop(image: Image.Image, pre: Preprocess) -> torch.Tensor:
 
 
 def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` per channel; one pass over a
-    whole batch on the thread that runs the network."""
-    mean = torch.tensor(pre.mean, device=pixels.device).view(3, 1, 1) * 255.0
-    std = torch.tensor(pre.std, device=pixels.device).view(3, 1, 1) * 255.0
-    return (pixels.to(torch.float32) - mean) / std
+    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` per channel, in the same
+    operations as torchvision's ``ToDtype(scale=True)`` + ``Normalize`` (bit for bit); one pass
+    over a whole batch on the thread that runs the network."""
+    mean = torch.tensor(pre.mean, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(pre.std, device=pixels.device).view(3, 1, 1)
+    return pixels.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
 def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
