@@ -189,9 +189,9 @@ def test_admission_reserves_room_before_decoding_and_frees_it_after():
     async def scenario():
         b = batcher(max_batch_size=4, max_wait_s=0, max_queue=3)
         with b.admit(2):
-            with pytest.raises(Overloaded):
-                with b.admit(2):  # 2 + 2 > 3: refused before any decoding would start
-                    pass
+            # 2 + 2 > 3: refused before any decoding would start
+            with pytest.raises(Overloaded), b.admit(2):
+                pass
             with b.admit(1):
                 pass
         with b.admit(3):  # the room came back
