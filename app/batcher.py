@@ -90,6 +90,12 @@ class Batcher:
         return len(self._queue)
 
     @property
+    def live_depth(self) -> int:
+        """Queued photos still wanted: abandoned ones (timed out, client gone) stay in the deque
+        until the worker reaches them, but must not count against new requests."""
+        return sum(not item.future.done() for item in self._queue)
+
+    @property
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done()
 
@@ -117,8 +123,9 @@ class Batcher:
         """Per photo, its (num_classes,) probabilities or the ApiError that failed it."""
         if self._closing:
             raise ShuttingDown()
-        if self.depth + len(tensors) > self.max_queue:
-            raise Overloaded(self.depth, self.max_queue)
+        waiting = self.live_depth
+        if waiting + len(tensors) > self.max_queue:
+            raise Overloaded(waiting, self.max_queue)
         loop = asyncio.get_running_loop()
         items = [_Item(model, label, t, loop.create_future()) for t in tensors]
         self._queue.extend(items)

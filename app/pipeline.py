@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from app.batcher import Batcher, Result
 from app.errors import ApiError, DecodeTimeout
 from app.metrics import Metrics
 from app.tagger import Tagger
+
+log = logging.getLogger("phototag.pipeline")
 
 
 @dataclass
@@ -87,6 +90,10 @@ async def _tensor_or_error(upload: Upload, tagger: Tagger, decoder: Decoder) -> 
     try:
         return await decoder.tensor(upload.data, tagger)
     except ApiError as error:
-        if upload.filename:
-            error.message = f"{upload.filename}: {error.message}"
-        return error
+        failure = error
+    except Exception as exc:  # a decoder bug on one odd photo must not fail the others
+        log.exception("unexpected error decoding a photo")
+        failure = ApiError(422, "invalid_image", f"the photo could not be decoded: {exc}")
+    if upload.filename:
+        failure.message = f"{upload.filename}: {failure.message}"
+    return failure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -183,6 +184,32 @@ def test_an_unexpected_model_error_fails_that_batch_only():
     failed, fine = run(scenario())
     assert all(isinstance(r, InferenceFailed) and "boom" in r.message for r in failed)
     assert float(fine[0][0]) == 3
+
+
+def test_abandoned_photos_do_not_count_against_new_ones():
+    model = FakeModel()
+    model.gate.clear()  # the forward pass is stuck while requests time out
+
+    async def scenario():
+        b = batcher(max_batch_size=1, max_wait_s=0, max_queue=2, timeout_s=0.05)
+        b.start()
+        stuck = asyncio.create_task(b.infer(model, [photo(0)]))
+        await asyncio.sleep(0.02)  # taken by the worker, blocked
+        with pytest.raises(InferenceTimeout):
+            await b.infer(model, [photo(1), photo(2)])  # waits, times out: abandoned, still queued
+        assert b.depth == 2 and b.live_depth == 0
+        b.timeout_s = 5
+        fresh = asyncio.create_task(b.infer(model, [photo(3), photo(4)]))  # not refused
+        await asyncio.sleep(0.02)
+        model.gate.set()
+        results = await fresh
+        with contextlib.suppress(InferenceTimeout):
+            await stuck
+        await b.close()
+        return results
+
+    results = run(scenario())
+    assert [float(r[0]) for r in results] == [3.0, 4.0]
 
 
 def test_admission_reserves_room_before_decoding_and_frees_it_after():

@@ -227,3 +227,24 @@ def test_truncated_photo_is_422_not_a_server_error(client):
     r = client.post("/v1/tags", content=data, headers={"Content-Type": "image/heic"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_image"
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_an_unexpected_decoder_error_fails_only_its_photo(client, monkeypatch):
+    """A bug on one odd photo (not an ApiError) is that photo's 422; the others are tagged."""
+    real = images.decode
+
+    def flaky(data, **kwargs):
+        if data.startswith(b"\x89PNG"):
+            raise ValueError("unexpected mode")
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(images, "decode", flaky)
+    files = [
+        ("file", ("good.jpg", photo_bytes(), "image/jpeg")),
+        ("file", ("odd.png", photo_bytes(fmt="PNG"), "image/png")),
+    ]
+    r = client.post("/v1/tags", files=files)
+    assert r.status_code == 200, r.text
+    good, odd = r.json()["results"]
+    assert good["tags"]
+    assert odd["error"]["code"] == "invalid_image" and "odd.png" in odd["error"]["message"]
