@@ -8,6 +8,7 @@ import struct
 import threading
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image, ImageFile
 from PIL.GifImagePlugin import GifImageFile
@@ -35,6 +36,21 @@ def test_heic_from_a_phone_is_decoded_upright_in_rgb():
     assert image.mode == "RGB" and image.size == (64, 48)
     r, g, b = image.getpixel((32, 24))
     assert g > 150 and r < 60 and b < 60
+
+
+def test_a_rotated_heic_is_turned_upright_once():
+    """pillow-heif applies the HEIF rotation and resets the EXIF orientation to 1, so the
+    EXIF transpose that follows must not turn the photo a second time."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :20] = 255  # white left third: shows which way the photo was turned
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="HEIF", exif=exif.tobytes(), quality=95)
+    image = images.decode(buffer.getvalue(), max_pixels=10**6)
+    assert image.size == (40, 60)  # turned once: 60x40 stored, 40x60 shown
+    top, bottom = image.getpixel((20, 5)), image.getpixel((20, 55))
+    assert min(top) > 200 and max(bottom) < 60  # the white third is now on top
 
 
 def ftyp(major: bytes, *compatible: bytes) -> bytes:
