@@ -96,14 +96,10 @@ class Tagger:
         """The smallest side a decoded photo needs before the resize (JPEG draft target)."""
         return self.card.preprocess.resize
 
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """RGB images -> uint8 (B, 3, crop, crop) pixels, resized and cropped as the checkpoint
-        says; :meth:`probabilities` normalises them."""
-        return torch.stack([self.preprocess_one(image) for image in images])
-
     def preprocess_one(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image -> uint8 (3, crop, crop); runs on a decode thread, beside the decoding
-        (Pillow only: torch's threads stay with the network)."""
+        """One RGB image -> uint8 (3, crop, crop), resized and cropped as the checkpoint says;
+        runs on a decode thread, beside the decoding (Pillow only: torch's threads stay with
+        the network). :meth:`probabilities` normalises a batch of them."""
         return resize_and_crop(image, self.card.preprocess)
 
     @torch.inference_mode()
@@ -123,9 +119,6 @@ class Tagger:
         if self.card.task == "multi_label":
             return torch.sigmoid(logits).cpu()
         return torch.softmax(logits, dim=1).cpu()
-
-    def tag(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.probabilities(self.preprocess(images))
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Forward passes on blank batches (one per size: cuDNN picks its kernels per shape), so

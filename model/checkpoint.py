@@ -220,37 +220,13 @@ def load(path: str | Path) -> Checkpoint:
     return checkpoint
 
 
-def read_card(path: str | Path) -> ModelCard:
-    """Only the model card (reads the small header, not the tensors)."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path} is too short to be a checkpoint")
-            (size,) = struct.unpack("<Q", head)
-            header = head + f.read(min(size, _MAX_HEADER_BYTES))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    return ModelCard.from_json(_read_card_json(header, path, header_only=True))
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    checkpoint = load(path)
-    return checkpoint.build_model(device), checkpoint.card
-
-
-def _read_card_json(data: bytes, path: Path, header_only: bool = False) -> str:
+def _read_card_json(data: bytes, path: Path) -> str:
     """The model card JSON from a safetensors file's header: 8-byte little-endian header size,
     then a JSON header whose ``__metadata__`` maps strings to strings."""
     if len(data) < 8:
         raise CheckpointError(f"{path} is too short to be a checkpoint (truncated?)")
     (size,) = struct.unpack("<Q", data[:8])
-    if (
-        size > _MAX_HEADER_BYTES
-        or (not header_only and 8 + size > len(data))
-        or size > len(data) - 8
-    ):
+    if size > _MAX_HEADER_BYTES or 8 + size > len(data):
         raise CheckpointError(f"{path} is not a safetensors checkpoint, or it is truncated")
     try:
         header = json.loads(data[8 : 8 + size])

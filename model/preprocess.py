@@ -135,8 +135,3 @@ def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tenso
         return normalize(resize_and_crop(image, pre), pre)
 
     return transform
-
-
-def to_batch(images: list[Image.Image], pre: Preprocess) -> torch.Tensor:
-    """Several PIL images -> one (B, 3, crop, crop) batch."""
-    return normalize(torch.stack([resize_and_crop(image, pre) for image in images]), pre)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import checkpoint
-from model.checkpoint import CheckpointError, ModelCard, load, read_card, save
+from model.checkpoint import CheckpointError, load, save
 from tests.conftest import TINY_ARCH_ARGS, TINY_CLASSES, write_tiny_checkpoint
 
 
@@ -145,11 +145,6 @@ def test_header_larger_than_the_file_is_refused(tmp_path: Path):
     bogus.write_bytes(struct.pack("<Q", 10_000) + b"{}")
     with pytest.raises(CheckpointError, match="truncated"):
         load(bogus)
-
-
-def test_read_card_reads_only_the_header(tiny_checkpoint: Path):
-    card = read_card(tiny_checkpoint)
-    assert isinstance(card, ModelCard) and card.classes == TINY_CLASSES
 
 
 def test_nothing_on_the_serving_path_can_unpickle():

@@ -122,7 +122,9 @@ def test_cli_probabilities_are_the_servers(tmp_path, capsys):
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors", temperature=0.7)
     tagger = Tagger.from_file(str(checkpoint), "cpu", "off")
     paths = sorted(photos.rglob("*.jpg"))
-    served = tagger.probabilities(tagger.preprocess([open_rgb(str(p)) for p in paths]))
+    served = tagger.probabilities(
+        torch.stack([tagger.preprocess_one(open_rgb(str(p))) for p in paths])
+    )
     spec = evaluate.data.load_dataset(photos, val_fraction=0.0)
     loader = evaluate.data.make_eval_loader(
         spec.train, TINY_CLASSES, "single_label", tagger.card.preprocess
