@@ -1,8 +1,9 @@
 """Input preprocessing, described by the checkpoint and built in one place.
 
-Training-time validation, ``model.evaluate`` and the server all call :func:`build_eval_transform`
-with the checkpoint's :class:`Preprocess`, so what a model saw while it was measured is exactly what
-it sees when it serves.
+Training-time validation and ``model.evaluate`` call :func:`build_eval_transform` with the
+checkpoint's :class:`Preprocess`; the server runs the same two stages it composes
+(:func:`resize_and_crop` on its decode threads, :func:`normalize` once per batch), so what a model
+saw while it was measured is exactly what it sees when it serves.
 """
 
 from __future__ import annotations
