@@ -10,7 +10,7 @@ PHOTOTAG_PORT ?= $(or $(PORT),8000)
 export PHOTOTAG_CHECKPOINT PHOTOTAG_HOST PHOTOTAG_PORT
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format checkpoint clean bench bench-serve
+.PHONY: run test lint format checkpoint clean bench bench-serve bench-train
 
 run: $(VENV)/.stamp-run $(PHOTOTAG_CHECKPOINT)  ## serve on $PHOTOTAG_HOST:$PHOTOTAG_PORT (0.0.0.0:8000)
 	$(BIN)/python -m app
@@ -30,6 +30,9 @@ bench: bench-serve  ## the serving benchmark (training benchmarks: see bench/REA
 
 bench-serve: $(VENV)/.stamp-dev  ## phototag vs the tutorial reference server (needs wrk)
 	$(BIN)/python bench/serve_bench.py
+
+bench-train: $(VENV)/.stamp-dev  ## training img/s: model.train vs a plain loop, the image cache
+	$(BIN)/python bench/train_speed.py
 
 checkpoint: $(PHOTOTAG_CHECKPOINT)  ## build the default ImageNet checkpoint
 
