@@ -153,7 +153,8 @@ class ModelRegistry:
         return None
 
     def _build(self, path: Path) -> Tagger:
-        tagger = Tagger.from_file(str(path), self.settings.device, self.settings.autocast)
+        s = self.settings
+        tagger = Tagger.from_file(str(path), s.device, s.autocast, s.backend, s.torch_threads)
         tagger.warm_up(self.warm_up_sizes)
         return tagger
 

@@ -38,6 +38,10 @@ ops = APIRouter(dependencies=[OpsApiKey])
 page = APIRouter()  # always open: it holds no data, and it is where a person enters a key
 
 
+# Dependencies are ``async def``: FastAPI runs a plain ``def`` one on a worker thread, a thread
+# hand-off per dependency per request for what is a dictionary lookup.
+
+
 def _lifespan_state(request: Request, name: str) -> object:
     value = getattr(request.state, name, None)
     if value is None:  # the lifespan has not started (or has stopped) serving
@@ -45,23 +49,23 @@ def _lifespan_state(request: Request, name: str) -> object:
     return value
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     return cast(ModelRegistry, _lifespan_state(request, "registry"))
 
 
-def get_batcher(request: Request) -> Batcher:
+async def get_batcher(request: Request) -> Batcher:
     return cast(Batcher, _lifespan_state(request, "batcher"))
 
 
-def get_decoder(request: Request) -> Decoder:
+async def get_decoder(request: Request) -> Decoder:
     return cast(Decoder, _lifespan_state(request, "decoder"))
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -84,7 +88,7 @@ class Served:
         return ModelRef(id=self.id, name=self.tagger.name, version=self.tagger.version)
 
 
-def get_served(
+async def get_served(
     registry: RegistryDep,
     model: Annotated[
         str | None,
@@ -222,6 +226,8 @@ def summary(name: str, tagger: Tagger, default_name: str) -> ModelSummary:
         arch=card.arch,
         num_classes=len(card.classes),
         device=str(tagger.device),
+        backend=tagger.backend,
+        precision=tagger.precision,
         default=name == default_name,
     )
 
@@ -249,6 +255,8 @@ async def model_info(served: ServedDep) -> ModelInfo:
         description=card.description,
         created_at=card.created_at,
         device=str(served.tagger.device),
+        backend=served.tagger.backend,
+        precision=served.tagger.precision,
     )
 
 

@@ -105,6 +105,8 @@ class ModelSummary(BaseModel):
     arch: str = Field(examples=["seed_cnn"])
     num_classes: int = Field(examples=[3])
     device: str = Field(examples=["cpu"])
+    backend: str = Field(description="What runs the network: torch or openvino.")
+    precision: str = Field(description="float32, bfloat16 or float16.", examples=["float32"])
     default: bool = Field(description="Whether requests without ?model= get this model.")
 
 
@@ -128,6 +130,8 @@ class ModelInfo(BaseModel):
     description: str
     created_at: str
     device: str
+    backend: str = Field(description="What runs the network: torch or openvino.")
+    precision: str = Field(description="float32, bfloat16 or float16.")
 
 
 class Health(BaseModel):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import warnings
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -28,3 +31,52 @@ def _fold_in_place(module: nn.Module) -> None:
                     child[i] = fuse_conv_bn_eval(conv, norm)
                     child[i + 1] = nn.Identity()
         _fold_in_place(child)
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+class OpenVINONetwork:
+    """``net`` converted by OpenVINO and compiled for this CPU: a callable from a float32
+    (B, 3, crop, crop) batch to (B, num_classes) float32 logits, for any batch size.
+
+    OpenVINO fuses the depthwise convolutions and activations that torch runs one by one: the
+    default EfficientNet-Lite0 runs in 9 ms per photo here against 17 ms in torch, both in float32
+    with one thread, with logits equal to torch's within 1e-5. ``precision="bf16"`` halves that
+    again on CPUs with native bf16, at the cost of probabilities that move by a few hundredths.
+
+    Not thread-safe: one caller at a time (the server's inference thread)."""
+
+    def __init__(self, net: nn.Module, crop: int, threads: int, precision: str = "f32") -> None:
+        import openvino
+
+        example = torch.zeros(1, 3, crop, crop)
+        with warnings.catch_warnings():
+            # TorchScript tracing: deprecated upstream but what OpenVINO's converter uses, and
+            # shape arithmetic (TF "SAME" padding) that is constant for a fixed crop size.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            model = openvino.convert_model(
+                copy.deepcopy(net).eval(),
+                example_input=example,
+                input=[openvino.PartialShape([-1, 3, crop, crop])],
+            )
+        compiled = openvino.Core().compile_model(
+            model,
+            "CPU",
+            {
+                "INFERENCE_NUM_THREADS": threads,
+                "INFERENCE_PRECISION_HINT": precision,
+                "PERFORMANCE_HINT": "LATENCY",
+                # threads pinned to cores would keep the decode threads off those cores
+                "ENABLE_CPU_PINNING": False,
+            },
+        )
+        self.precision = precision
+        self._request = compiled.create_infer_request()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        pixels = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        logits = self._request.infer({0: pixels})[0]
+        return torch.from_numpy(logits.copy())  # the request reuses its output buffer

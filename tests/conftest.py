@@ -97,6 +97,9 @@ def client_for() -> Iterator[Callable[..., TestClient]]:
 
     def make(checkpoint: Path, **overrides: object) -> TestClient:
         overrides.setdefault("autocast", "off")  # exact float32: tests compare probabilities
+        # torch runs tiny test networks at once; OpenVINO (compiling ~0.6 s per model) has its
+        # own tests (test_serving_openvino.py)
+        overrides.setdefault("backend", "torch")
         settings = Settings(checkpoint=checkpoint, device="cpu", **overrides)
         client = TestClient(create_app(settings))
         client.__enter__()

@@ -120,7 +120,7 @@ def test_cli_on_a_class_folder_evaluates_every_photo(tmp_path, capsys):
 def test_cli_probabilities_are_the_servers(tmp_path, capsys):
     photos = write_photos(tmp_path / "photos", per_class=1)
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors", temperature=0.7)
-    tagger = Tagger.from_file(str(checkpoint), "cpu", "off")
+    tagger = Tagger.from_file(str(checkpoint), "cpu", "off", "torch")
     paths = sorted(photos.rglob("*.jpg"))
     served = tagger.probabilities(
         torch.stack([tagger.preprocess_one(open_rgb(str(p))) for p in paths])

@@ -95,6 +95,8 @@ def test_the_single_checkpoint_setting_still_serves_alone(client, tiny_checkpoin
                 "arch": "seed_cnn",
                 "num_classes": 3,
                 "device": "cpu",
+                "backend": "torch",
+                "precision": "float32",
                 "default": True,
             }
         ],

@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize(
     ("setting", "native_bf16", "expected"),
     [
-        ("auto", True, torch.bfloat16),
+        ("auto", True, None),
         ("bf16", True, torch.bfloat16),
         ("auto", False, None),
         ("bf16", False, None),
@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
         ("off", True, None),
     ],
 )
-def test_cpu_autocasts_to_bf16_only_where_the_cpu_has_it(monkeypatch, setting, native_bf16,
+def test_cpu_uses_bf16_only_when_asked_and_native(monkeypatch, setting, native_bf16,
                                                          expected):  # fmt: skip
     monkeypatch.setattr(tagger_module, "cpu_has_native_bf16", lambda: native_bf16)
     assert resolve_autocast(setting, CPU) == expected
@@ -33,9 +33,9 @@ def test_cpu_autocasts_to_bf16_only_where_the_cpu_has_it(monkeypatch, setting, n
 
 def test_cpu_bf16_probabilities_stay_within_0_02_of_float32(default_checkpoint):
     if not tagger_module.cpu_has_native_bf16():
-        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX): the server uses float32")
-    exact = Tagger.from_file(str(default_checkpoint), "cpu", "off")
-    fast = Tagger.from_file(str(default_checkpoint), "cpu", "auto")
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 means float32 there")
+    exact = Tagger.from_file(str(default_checkpoint), "cpu", "off", "torch")
+    fast = Tagger.from_file(str(default_checkpoint), "cpu", "bf16", "torch")
     assert fast.amp_dtype == torch.bfloat16
     torch.manual_seed(0)
     batch = torch.randn(4, 3, 224, 224)
@@ -70,7 +70,7 @@ def test_warm_up_runs_a_single_photo_and_a_full_batch(client_for, tiny_checkpoin
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_the_model_is_channels_last_and_autocast(tiny_checkpoint):
-    tagger = Tagger.from_file(str(tiny_checkpoint), "cuda", "fp16")
+    tagger = Tagger.from_file(str(tiny_checkpoint), "cuda", "fp16", "auto")
     tagger.warm_up((1, 4))
     probs = tagger.probabilities(torch.zeros(4, 3, 32, 32))
     assert probs.dtype == torch.float32 and probs.device.type == "cpu"
