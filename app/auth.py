@@ -49,17 +49,18 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header_key: Annotated[str | None, Security(_api_key)],
 ) -> None:
-    """The API routes' guard (declared in OpenAPI as the two security schemes)."""
+    """The API routes' guard (declared in OpenAPI as the two security schemes). ``async`` only
+    so that FastAPI calls it on the event loop, not on a worker thread: it never waits."""
     given = header_key or (bearer.credentials if bearer else None)
     check_api_key(_settings(request), request.scope["path"], given)
 
 
-def require_api_key_unless_open(request: Request) -> None:
+async def require_api_key_unless_open(request: Request) -> None:
     """The operations routes' guard: open by default (PHOTOTAG_OPEN_PATHS), so not advertised."""
     given = request.headers.get("x-api-key")
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
