@@ -90,7 +90,13 @@ async def serving(settings: Settings, metrics: Metrics) -> AsyncIterator[dict[st
     )
     batcher.start()
     threads = settings.decode_threads or min(8, os.cpu_count() or 1)
-    decoder = Decoder(threads, settings.max_pixels, settings.max_decode_seconds, metrics)
+    decoder = Decoder(
+        threads,
+        settings.max_pixels,
+        settings.max_decode_seconds,
+        metrics,
+        settings.jpeg_reducing_gap,
+    )
     watcher = None
     if settings.reload_interval_s > 0:
         watcher = asyncio.get_running_loop().create_task(registry.watch(), name="reload")

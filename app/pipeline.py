@@ -33,8 +33,16 @@ class Decoder:
     that overruns is answered 422 at once; its thread finishes (Pillow cannot be interrupted) and
     only then takes the next photo, so slow images can never pile up more threads."""
 
-    def __init__(self, threads: int, max_pixels: int, max_seconds: float, metrics: Metrics):
+    def __init__(
+        self,
+        threads: int,
+        max_pixels: int,
+        max_seconds: float,
+        metrics: Metrics,
+        reducing_gap: float = 2.0,
+    ):
         self.max_pixels = max_pixels
+        self.reducing_gap = reducing_gap
         self.max_seconds = max_seconds
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="phototag-decode")
@@ -58,7 +66,8 @@ class Decoder:
 
     def _decode(self, data: bytes, tagger: Tagger) -> torch.Tensor:
         started = time.perf_counter()
-        image = images.decode(data, max_pixels=self.max_pixels, draft_size=tagger.draft_size)
+        draft_size = round(tagger.draft_size * self.reducing_gap) or None
+        image = images.decode(data, max_pixels=self.max_pixels, draft_size=draft_size)
         tensor = tagger.preprocess_one(image)
         self.metrics.decode.observe(time.perf_counter() - started)
         return tensor

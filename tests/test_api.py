@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from app.images import decode
+from app.settings import Settings
 from model.checkpoint import load
 from tests.conftest import REPO, TINY_CLASSES, photo_bytes, write_tiny_checkpoint
 
@@ -19,7 +20,8 @@ def direct_probabilities(checkpoint_path: Path, data: bytes, max_pixels: int = 6
     """What the API must return: the same network on the same preprocessed input, by hand."""
     checkpoint = load(checkpoint_path)
     card = checkpoint.card
-    image = decode(data, max_pixels=max_pixels, draft_size=card.preprocess.resize)
+    gap = Settings.model_fields["jpeg_reducing_gap"].default
+    image = decode(data, max_pixels=max_pixels, draft_size=round(gap * card.preprocess.resize))
     from model.preprocess import build_eval_transform
 
     x = build_eval_transform(card.preprocess)(image).unsqueeze(0)
