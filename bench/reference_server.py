@@ -2,9 +2,15 @@
 
 FastAPI with ``UploadFile``, a full Pillow decode, torchvision Resize/CenterCrop/Normalize, and one
 forward pass per request — with the same EfficientNet-Lite0 ImageNet weights phototag serves, so
-only the serving differs.
+only the serving differs. Two styles of the same endpoint:
 
-    python bench/reference_server.py --port 8100
+- ``threaded`` (default): a plain ``def`` endpoint, which FastAPI runs on its worker threads, so
+  requests decode and run the network in parallel (torch's own threads on top).
+- ``async``: ``async def`` with ``await file.read()``, as FastAPI's ``UploadFile`` documentation
+  and most tutorials write it; the decode and the network then run on the event loop, one request
+  at a time.
+
+    python bench/reference_server.py --port 8100 [--style async]
 """
 
 from __future__ import annotations
@@ -36,9 +42,8 @@ preprocess = transforms.Compose(
 )
 
 
-@app.post("/predict")
-def predict(file: UploadFile = File(...)) -> dict:
-    image = Image.open(io.BytesIO(file.file.read())).convert("RGB")
+def predict(data: bytes) -> dict:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
     batch = preprocess(image).unsqueeze(0)
     with torch.no_grad():
         probabilities = torch.softmax(model(batch)[0], dim=0)
@@ -51,6 +56,14 @@ def predict(file: UploadFile = File(...)) -> dict:
     }
 
 
+def predict_threaded(file: UploadFile = File(...)) -> dict:
+    return predict(file.file.read())
+
+
+async def predict_async(file: UploadFile = File(...)) -> dict:
+    return predict(await file.read())
+
+
 @app.get("/health")
 def health() -> dict:
     return {"status": "ok"}
@@ -60,5 +73,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--style", choices=["threaded", "async"], default="threaded")
     args = parser.parse_args()
+    endpoint = predict_threaded if args.style == "threaded" else predict_async
+    app.post("/predict")(endpoint)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

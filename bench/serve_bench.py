@@ -1,9 +1,11 @@
 """phototag's server against the tutorial reference, back to back on this machine.
 
-For each photo set (phone-size and thumbnails) and each server: throughput and p50/p99 latency
-under load (wrk, concurrency 16, a rotating set of distinct photos), p50 of single requests on an
-idle server, peak RSS; then the ratios, and phototag's tag quality against a full-precision,
-full-decode forward pass.
+For each photo set (phone-size and thumbnails) and each server (phototag; the reference in its
+two styles, threaded and async, see bench/reference_server.py): throughput, p50/p99 latency and
+server CPU per photo under load (wrk, concurrency 16, a rotating set of distinct photos), p50 of
+single requests on an idle server, peak RSS; then the ratios. Also the physical ceiling (decode
+and network time per photo, measured in this process) and phototag's tag quality against a
+full-precision, full-decode forward pass, on the shipped photos and on both sets.
 
     make bench-serve          # or: .venv/bin/python bench/serve_bench.py --duration 20
 
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from photos import build_sets  # noqa: E402
+from photos import ANTS_BEES, build_sets  # noqa: E402
 
 LOADGEN = REPO / "bench" / "loadgen.lua"
 
@@ -110,22 +112,42 @@ def run_server(server: Server, sets: dict[str, Path], args: argparse.Namespace) 
     for set_name, listing in sets.items():
         wrk(server, listing, 1, 2, 3)  # warm-up: first requests pay for lazy initialisation
         idle = wrk(server, listing, 1, 1, args.idle_seconds)
+        cpu_before = cpu_seconds(server.process.pid)
         loaded = wrk(server, listing, 2, args.concurrency, args.duration)
+        cpu = cpu_seconds(server.process.pid) - cpu_before
         server.results[set_name] = {
             "throughput": loaded["throughput"], "p50_ms": loaded["p50_us"] / 1e3,
             "p99_ms": loaded["p99_us"] / 1e3, "errors": loaded["errors"],
             "requests": loaded["requests"], "idle_p50_ms": idle["p50_us"] / 1e3,
+            "cpu_ms_per_photo": 1e3 * cpu / max(1, loaded["requests"]),
         }  # fmt: skip
         r = server.results[set_name]
-        print(f"  {server.name:9s} {set_name:5s} {r['throughput']:7.1f} photos/s  "
+        print(f"  {server.name:15s} {set_name:5s} {r['throughput']:7.1f} photos/s  "
               f"p50 {r['p50_ms']:7.0f} ms  p99 {r['p99_ms']:7.0f} ms  "
-              f"idle p50 {r['idle_p50_ms']:6.0f} ms  errors {r['errors']}", flush=True)  # fmt: skip
+              f"idle p50 {r['idle_p50_ms']:6.0f} ms  CPU {r['cpu_ms_per_photo']:5.1f} ms/photo  "
+              f"errors {r['errors']}", flush=True)  # fmt: skip
     if server.name == "phototag":
-        server.results["quality"] = tag_quality(server, sets)
+        shipped = {"shipped": ANTS_BEES} if ANTS_BEES.is_dir() else {}
+        server.results["quality"] = {
+            name: tag_quality(server, photo_paths(folder_or_listing))
+            for name, folder_or_listing in {**shipped, **sets}.items()
+        }  # fmt: skip
     server.results["peak_rss_mb"] = stop(server) / 1024
 
 
-def tag_quality(server: Server, sets: dict[str, Path]) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def photo_paths(folder_or_listing: Path) -> list[Path]:
+    if folder_or_listing.is_dir():
+        return sorted(p for p in folder_or_listing.rglob("*") if p.is_file())
+    return [Path(p) for p in folder_or_listing.read_text().split()]
+
+
+def tag_quality(server: Server, paths: list[Path]) -> dict:
     """Served probabilities vs a float32 forward pass on the fully decoded photo."""
     import torch
 
@@ -137,17 +159,70 @@ def tag_quality(server: Server, sets: dict[str, Path]) -> dict:
     net = checkpoint.build_model()
     transform = build_eval_transform(checkpoint.card.preprocess)
     same_top1, diffs = 0, []
-    paths = [Path(p) for listing in sets.values() for p in listing.read_text().split()]
     for path in paths:
         with torch.inference_mode():
             exact = net(transform(open_rgb(str(path))).unsqueeze(0)).softmax(1)[0]
         served = torch.tensor(list(post_all(server, path).values()))
         same_top1 += int(served.argmax() == exact.argmax())
         diffs.append(float((served - exact).abs().max()))
+    diffs.sort()
     return {
         "photos": len(paths), "top1_agreement": same_top1 / len(paths),
-        "max_abs_diff": max(diffs), "mean_max_abs_diff": sum(diffs) / len(diffs),
+        "max_abs_diff": diffs[-1], "p99_max_abs_diff": diffs[int(0.99 * (len(diffs) - 1))],
+        "mean_max_abs_diff": sum(diffs) / len(diffs),
+        "photos_within_0_02": sum(d <= 0.02 for d in diffs) / len(diffs),
     }  # fmt: skip
+
+
+def ceiling(sets: dict[str, Path], checkpoint: Path) -> dict[str, dict]:
+    """The physical ceiling on this machine: per photo, the decode + resize time (one thread,
+    as phototag's decode threads do it) and the network time (as phototag's inference thread
+    runs it, batches of 8), and the photos/s that all cores would give with nothing else to
+    do: no HTTP, no parsing, perfect overlap."""
+    import statistics
+
+    import torch
+
+    from app.images import decode
+    from app.settings import Settings
+    from app.tagger import Tagger
+    from model.checkpoint import load
+
+    settings = Settings(_env_file=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # phototag's inference thread on 2 cores
+    tagger = Tagger(load(checkpoint), torch.device("cpu"), settings.autocast, settings.backend, 1)
+    draft = round(tagger.draft_size * settings.jpeg_reducing_gap) or None
+    batch = torch.zeros(8, 3, tagger.card.preprocess.crop, tagger.card.preprocess.crop,
+                        dtype=torch.uint8)  # fmt: skip
+    network_s = min(timed(tagger.probabilities, batch) for _ in range(10)) / len(batch)
+    cores = len(os.sched_getaffinity(0))
+
+    def prepare(data: bytes) -> float:
+        started = time.perf_counter()
+        tagger.preprocess_one(decode(data, max_pixels=settings.max_pixels, draft_size=draft))
+        return time.perf_counter() - started
+
+    result = {}
+    for name, listing in sets.items():
+        photos = [p.read_bytes() for p in photo_paths(listing)]
+        decode_s = statistics.median(min(prepare(d), prepare(d)) for d in photos)
+        result[name] = {
+            "decode_ms": 1e3 * decode_s, "network_ms": 1e3 * network_s, "cores": cores,
+            "photos_per_s": cores / (decode_s + network_s), "backend": tagger.backend,
+        }  # fmt: skip
+        r = result[name]
+        print(f"  ceiling {name}: decode+resize {r['decode_ms']:.1f} ms + network "
+              f"{r['network_ms']:.1f} ms ({tagger.backend}) per photo -> "
+              f"{r['photos_per_s']:.1f} photos/s on {cores} cores", flush=True)  # fmt: skip
+    torch.set_num_threads(threads)
+    return result
+
+
+def timed(fn, *args) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
 
 
 def post_all(server: Server, path: Path) -> dict[str, float]:
@@ -165,33 +240,46 @@ def post_all(server: Server, path: Path) -> dict[str, float]:
         return json.load(r)["results"][0]["probabilities"]
 
 
-def report(ours: Server, reference: Server, set_names: list[str]) -> str:
+def report(servers: list[Server], set_names: list[str], limits: dict[str, dict]) -> str:
+    ours, references = servers[0], servers[1:]
     lines = [
-        "| set | server | photos/s | p50 ms | p99 ms | idle p50 ms | peak RSS MB | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| set | server | photos/s | p50 ms | p99 ms | idle p50 ms | CPU ms/photo "
+        "| peak RSS MB | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for set_name in set_names:
-        for server in (ours, reference):
+        for server in servers:
             r = server.results[set_name]
             lines.append(
                 f"| {set_name} | {server.name} | {r['throughput']:.1f} | {r['p50_ms']:.0f} | "
-                f"{r['p99_ms']:.0f} | {r['idle_p50_ms']:.0f} | {server.results['peak_rss_mb']:.0f} "
-                f"| {r['errors']} |"
+                f"{r['p99_ms']:.0f} | {r['idle_p50_ms']:.0f} | {r['cpu_ms_per_photo']:.1f} | "
+                f"{server.results['peak_rss_mb']:.0f} | {r['errors']} |"
             )
     lines.append("")
     for set_name in set_names:
-        a, b = ours.results[set_name], reference.results[set_name]
+        a = ours.results[set_name]
+        for reference in references:
+            b = reference.results[set_name]
+            lines.append(
+                f"{set_name} vs {reference.name}: "
+                f"throughput x{ratio(a['throughput'], b['throughput'])}, "
+                f"p50 x{ratio(b['p50_ms'], a['p50_ms'])} faster, "
+                f"idle p50 {a['idle_p50_ms']:.0f} vs {b['idle_p50_ms']:.0f} ms"
+            )  # fmt: skip
+        c = limits[set_name]
         lines.append(
-            f"{set_name}: throughput x{ratio(a['throughput'], b['throughput'])}, "
-            f"p50 x{ratio(b['p50_ms'], a['p50_ms'])} faster, "
-            f"idle p50 {a['idle_p50_ms']:.0f} vs {b['idle_p50_ms']:.0f} ms"
+            f"{set_name} ceiling: decode+resize {c['decode_ms']:.1f} ms + network "
+            f"{c['network_ms']:.1f} ms per photo = {c['photos_per_s']:.1f} photos/s on "
+            f"{c['cores']} cores; phototag reaches {a['throughput'] / c['photos_per_s']:.0%} of it"
         )
-    q = ours.results["quality"]
-    lines.append(
-        f"quality: top-1 equals the full-decode float32 forward pass on "
-        f"{q['top1_agreement']:.1%} of {q['photos']} photos; probabilities differ by at most "
-        f"{q['max_abs_diff']:.4f} (mean of per-photo max {q['mean_max_abs_diff']:.4f})"
-    )
+    lines.append("")
+    for set_name, q in ours.results["quality"].items():
+        lines.append(
+            f"quality, {set_name} ({q['photos']} photos): top-1 equals the full-decode float32 "
+            f"pass on {q['top1_agreement']:.1%}; largest probability difference "
+            f"{q['max_abs_diff']:.4f} (p99 {q['p99_max_abs_diff']:.4f}, mean of per-photo max "
+            f"{q['mean_max_abs_diff']:.4f}; {q['photos_within_0_02']:.1%} of photos within 0.02)"
+        )
     return "\n".join(lines)
 
 
@@ -218,22 +306,26 @@ def main() -> None:
         from model.pretrained import build_default_checkpoint
 
         build_default_checkpoint(checkpoint)
+    print("physical ceiling (this process, nothing else running):", flush=True)
+    limits = ceiling(sets, checkpoint)
     python = sys.executable
     ours = Server("phototag", [python, "-m", "app"], {
         "PHOTOTAG_CHECKPOINT": str(checkpoint), "PHOTOTAG_HOST": "127.0.0.1",
         "PHOTOTAG_PORT": str(port := free_port()), "PHOTOTAG_LOG_LEVEL": "warning",
     }, "/readyz", "/v1/tags", port)  # fmt: skip
-    reference = Server("reference", [python, "bench/reference_server.py", "--port",
-                       str(port := free_port())], {"PYTHONPATH": str(REPO)}, "/health",
-                       "/predict", port)  # fmt: skip
-    for server in (ours, reference):
+    servers = [ours] + [
+        Server(name, [python, "bench/reference_server.py", "--style", style, "--port",
+               str(port := free_port())], {"PYTHONPATH": str(REPO)}, "/health", "/predict", port)
+        for name, style in (("reference", "threaded"), ("reference-async", "async"))
+    ]  # fmt: skip
+    for server in servers:
         print(f"{server.name}: {' '.join(server.command[1:])}", flush=True)
         run_server(server, sets, args)
-    text = report(ours, reference, list(sets))
+    text = report(servers, list(sets), limits)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_bench.json").write_text(json.dumps(
-        {"phototag": ours.results, "reference": reference.results, "args": vars(args)},
+        {**{s.name: s.results for s in servers}, "ceiling": limits, "args": vars(args)},
         indent=2, default=str))  # fmt: skip
     (args.out / "serve_bench.md").write_text(text + "\n")
 
