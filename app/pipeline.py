@@ -39,7 +39,7 @@ class Decoder:
         max_pixels: int,
         max_seconds: float,
         metrics: Metrics,
-        reducing_gap: float = 2.0,
+        reducing_gap: float,
     ):
         self.max_pixels = max_pixels
         self.reducing_gap = reducing_gap
@@ -66,7 +66,7 @@ class Decoder:
 
     def _decode(self, data: bytes, tagger: Tagger) -> torch.Tensor:
         started = time.perf_counter()
-        draft_size = round(tagger.draft_size * self.reducing_gap) or None
+        draft_size = tagger.draft_size(self.reducing_gap)
         image = images.decode(data, max_pixels=self.max_pixels, draft_size=draft_size)
         tensor = tagger.preprocess_one(image)
         self.metrics.decode.observe(time.perf_counter() - started)

@@ -159,10 +159,11 @@ class Tagger:
     def classes(self) -> list[str]:
         return self.card.classes
 
-    @property
-    def draft_size(self) -> int:
-        """The smallest side a decoded photo needs before the resize (JPEG draft target)."""
-        return self.card.preprocess.resize
+    def draft_size(self, reducing_gap: float) -> int | None:
+        """The JPEG draft target: both sides of a photo decoded at a reduced scale stay at least
+        ``reducing_gap`` times the resize size (PHOTOTAG_JPEG_REDUCING_GAP); None (0) decodes
+        in full."""
+        return round(self.card.preprocess.resize * reducing_gap) or None
 
     def preprocess_one(self, image: Image.Image) -> torch.Tensor:
         """One RGB image -> uint8 (3, crop, crop), resized and cropped as the checkpoint says;

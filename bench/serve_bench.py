@@ -192,7 +192,7 @@ def ceiling(sets: dict[str, Path], checkpoint: Path) -> dict[str, dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # phototag's inference thread on 2 cores
     tagger = Tagger(load(checkpoint), torch.device("cpu"), settings.autocast, settings.backend, 1)
-    draft = round(tagger.draft_size * settings.jpeg_reducing_gap) or None
+    draft = tagger.draft_size(settings.jpeg_reducing_gap)
     batch = torch.zeros(8, 3, tagger.card.preprocess.crop, tagger.card.preprocess.crop,
                         dtype=torch.uint8)  # fmt: skip
     network_s = min(timed(tagger.probabilities, batch) for _ in range(10)) / len(batch)

@@ -159,7 +159,7 @@ def test_reducing_gaps_keep_shipped_photos_close_to_a_full_decode(default_checkp
     tagger = Tagger.from_file(str(default_checkpoint), "cpu", "off", "torch")
 
     def probabilities(gap: float) -> torch.Tensor:
-        draft = round(tagger.draft_size * gap) or None
+        draft = tagger.draft_size(gap)
         decoded = [images.decode(d, max_pixels=10**9, draft_size=draft) for d in photos]
         return tagger.probabilities(torch.stack([tagger.preprocess_one(i) for i in decoded]))
 
