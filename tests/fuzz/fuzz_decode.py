@@ -5,7 +5,7 @@ The property: any input either decodes to an RGB image within the pixel limit th
 (3, crop, crop), or is refused with an ApiError of a 4xx status. Anything else (another exception,
 a crash, a hang past -timeout, memory past -rss_limit_mb) is a finding.
 
-Short run (what CI does, via tests/test_fuzz_decode.py, ~15 s from a generated seed corpus):
+Short run (what CI does, via tests/app/test_fuzz_decode.py, ~15 s from a generated seed corpus):
 
     .venv/bin/python tests/fuzz/fuzz_decode.py --make-corpus /tmp/decode-corpus
     .venv/bin/python tests/fuzz/fuzz_decode.py /tmp/decode-corpus -max_total_time=15

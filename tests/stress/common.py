@@ -11,7 +11,7 @@ from pathlib import Path
 from model import architectures
 from model.checkpoint import ModelCard, save
 from model.preprocess import Preprocess
-from tests.conftest import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
+from tests.helpers import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
 
 PHOTO = photo_bytes((640, 480), noise=40)  # a small phone-like JPEG, decoded in draft mode
 

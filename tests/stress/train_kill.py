@@ -22,21 +22,16 @@ import time
 from pathlib import Path
 
 from model.checkpoint import load
-from tests.conftest import photo_bytes
+from tests.helpers import write_photo_folder
 from tests.stress.common import report, workdir
 from tests.stress.server import REPO
 
 NET = {"input_size": 32, "widths": [4, 8], "hidden": [16]}
-COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 RUN_TIMEOUT_S = 300
 
 
 def make_photos(root: Path, per_class: int = 20) -> Path:
-    for name, color in COLORS.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            (root / name / f"{i:02d}.jpg").write_bytes(photo_bytes((48, 40), color, seed=i))
-    return root
+    return write_photo_folder(root, per_class, size=(48, 40))
 
 
 def command(photos: Path, run_dir: Path, epochs: int, resume: bool) -> list[str]:

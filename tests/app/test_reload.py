@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from model.checkpoint import atomic_write_bytes, load
-from tests.conftest import photo_bytes, write_tiny_checkpoint
+from tests.helpers import photo_bytes, write_tiny_checkpoint
 
 FAST = {"reload_interval_s": 0.05}
 

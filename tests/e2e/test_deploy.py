@@ -35,7 +35,7 @@ from PIL import Image
 
 from app.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_CPU = REPO / "docker-compose.cpu.yml"

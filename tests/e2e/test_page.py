@@ -15,7 +15,7 @@ import uvicorn
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
+from tests.helpers import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
 
 CHROMIUM = os.environ.get("PHOTOTAG_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

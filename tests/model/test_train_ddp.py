@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from model import checkpoint, train
-from tests.conftest import REPO
-from tests.test_train import TINY_NET, make_photos, tiny_config
+from tests.helpers import REPO
+from tests.model.test_train import TINY_NET, make_photos, tiny_config
 
 
 def test_two_process_gloo_run_matches_a_single_process_run_in_form(tmp_path):

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from model import checkpoint
 from model.checkpoint import CheckpointError, load, save
-from tests.conftest import TINY_ARCH_ARGS, TINY_CLASSES, write_tiny_checkpoint
+from tests.helpers import TINY_ARCH_ARGS, TINY_CLASSES, write_tiny_checkpoint
 
 
 def rewrite_card(path: Path, out: Path, **changes: object) -> Path:
@@ -148,7 +148,7 @@ def test_header_larger_than_the_file_is_refused(tmp_path: Path):
 
 
 def test_nothing_on_the_serving_path_can_unpickle():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     serving = ["model/checkpoint.py", "model/preprocess.py", "model/imageio.py"]
     serving += [str(p.relative_to(root)) for p in (root / "app").rglob("*.py")]
     for module in serving:

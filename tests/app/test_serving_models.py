@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model.checkpoint import load
-from tests.conftest import photo_bytes, write_tiny_checkpoint
+from tests.helpers import photo_bytes, write_tiny_checkpoint
 
 
 @pytest.fixture

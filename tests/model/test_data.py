@@ -15,18 +15,10 @@ from model import data
 from model.data import Augment, DataError, Sample, load_dataset
 from model.imageio import open_rgb
 from model.preprocess import Preprocess, build_eval_transform
-from tests.conftest import photo_bytes
+from tests.helpers import COLORS, photo_bytes
+from tests.helpers import write_photo_folder as make_folder
 
 PRE = Preprocess(resize=36, crop=32)
-COLORS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
-
-
-def make_folder(root: Path, per_class: int = 10, classes: dict = COLORS) -> Path:
-    for name, color in classes.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            (root / name / f"{i:02d}.jpg").write_bytes(photo_bytes((40 + i, 36), color, seed=i))
-    return root
 
 
 def test_class_folders_give_a_stratified_seeded_split(tmp_path):

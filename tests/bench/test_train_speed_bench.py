@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, shared_data
+from tests.helpers import REPO, shared_data
 
 SCRIPT = REPO / "bench" / "train_speed.py"
 RUN_KEYS = {

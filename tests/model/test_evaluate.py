@@ -13,18 +13,18 @@ from torch import nn
 from app.tagger import Tagger
 from model import evaluate
 from model.imageio import open_rgb
-from tests.conftest import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
-
-COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+from tests.helpers import (
+    COLORS,
+    TINY_CLASSES,
+    photo_bytes,
+    write_photo_folder,
+    write_tiny_checkpoint,
+)
 
 
 def write_photos(folder: Path, classes=TINY_CLASSES, per_class: int = 3, seed: int = 0) -> Path:
-    for name in classes:
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            photo = photo_bytes(color=COLOURS.get(name, (120, 120, 120)), seed=seed + i)
-            (folder / name / f"{i}.jpg").write_bytes(photo)
-    return folder
+    colors = {name: COLORS.get(name, (120, 120, 120)) for name in classes}
+    return write_photo_folder(folder, per_class, colors, size=(64, 48), seed=seed)
 
 
 def run_cli(capsys, *args: object) -> tuple[int, str, str]:

@@ -28,7 +28,7 @@ from PIL.GifImagePlugin import GifImageFile
 
 from app import images
 from model.preprocess import Preprocess, build_eval_transform
-from tests.conftest import photo_bytes, write_tiny_checkpoint
+from tests.helpers import photo_bytes, write_tiny_checkpoint
 from tests.stress.server import LOOPBACK, Server
 
 # Generous for a shared 2-core CI box; a healthy answer takes milliseconds.

@@ -20,18 +20,13 @@ from model.data import Augment, DataError
 from model.imageio import open_rgb
 from model.preprocess import build_eval_transform
 from model.train import TrainConfig
-from tests.conftest import REPO, photo_bytes
+from tests.helpers import REPO, photo_bytes, write_photo_folder
 
-COLORS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
 TINY_NET = {"widths": [4, 8], "hidden": [16], "dropout": 0.1, "batch_norm": True}
 
 
 def make_photos(root: Path, per_class: int = 8) -> Path:
-    for name, color in COLORS.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            (root / name / f"{i:02d}.jpg").write_bytes(photo_bytes((40 + i, 36), color, seed=i))
-    return root
+    return write_photo_folder(root, per_class)
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:

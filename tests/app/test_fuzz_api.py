@@ -3,7 +3,7 @@ valid and invalid, to every operation; no answer may be a 5xx, and every answer 
 schema (status documented, JSON body of the documented shape, headers, content type).
 
 CI runs a bounded number of examples per operation (FUZZ_API_EXAMPLES, default 25); a long run:
-``FUZZ_API_EXAMPLES=2000 .venv/bin/python -m pytest tests/test_fuzz_api.py``.
+``FUZZ_API_EXAMPLES=2000 .venv/bin/python -m pytest tests/app/test_fuzz_api.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import write_tiny_checkpoint
+from tests.helpers import write_tiny_checkpoint
 
 API_KEY = "fuzz-key-0123456789"
 # Both of the schema's security schemes carry the key (the server takes either).

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import photo_bytes, write_tiny_checkpoint
+from tests.helpers import photo_bytes, write_tiny_checkpoint
 from tests.stress.server import Server
 
 

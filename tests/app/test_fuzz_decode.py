@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-TARGET = Path(__file__).parent / "fuzz" / "fuzz_decode.py"
+TARGET = Path(__file__).parents[1] / "fuzz" / "fuzz_decode.py"
 SECONDS = int(os.environ.get("FUZZ_DECODE_SECONDS", "12"))
 
 atheris = pytest.importorskip("atheris", reason="atheris (the [dev] extra) is not installed")

@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 from PIL.GifImagePlugin import GifImageFile
 
 from app import images
-from tests.conftest import photo_bytes, shared_data
+from tests.helpers import photo_bytes, shared_data
 
 FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF"]
 

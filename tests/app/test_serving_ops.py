@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.auth import key_matches
 from app.logs import JsonFormatter, KeyValueFormatter
 from app.tagger import Tagger
-from tests.conftest import photo_bytes
+from tests.helpers import photo_bytes
 
 
 def tag(client, headers: dict[str, str] | None = None, **params):

@@ -13,7 +13,7 @@ from PIL import Image
 from app.images import decode
 from app.settings import Settings
 from model.checkpoint import load
-from tests.conftest import REPO, TINY_CLASSES, photo_bytes, write_tiny_checkpoint
+from tests.helpers import REPO, TINY_CLASSES, photo_bytes, write_tiny_checkpoint
 
 
 def direct_probabilities(checkpoint_path: Path, data: bytes, max_pixels: int = 60_000_000):

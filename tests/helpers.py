@@ -1,0 +1,99 @@
+"""Shared test builders: tiny photos, photo folders and checkpoints made with the real code.
+
+No binaries live in git: every photo and checkpoint a test needs is made here, in ``tmp_path``.
+Fixtures that use these live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import architectures
+from model.checkpoint import ModelCard, save
+from model.preprocess import Preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_CLASSES = ["red", "green", "blue"]
+TINY_PREPROCESS = Preprocess(resize=36, crop=32)
+TINY_ARCH_ARGS = {"input_size": 32, "widths": [4, 8], "hidden": [16], "dropout": 0.1}
+
+
+def photo_bytes(
+    size: tuple[int, int] = (64, 48),
+    color: tuple[int, int, int] = (200, 30, 30),
+    fmt: str = "JPEG",
+    mode: str = "RGB",
+    noise: int = 20,
+    seed: int = 0,
+    **save_args: object,
+) -> bytes:
+    """An encoded photo: a flat colour plus a little noise, in any Pillow format and mode."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(
+        np.array(color, dtype=np.int16) + rng.integers(-noise, noise + 1, (size[1], size[0], 3)),
+        0,
+        255,
+    ).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def write_tiny_checkpoint(
+    path: Path, *, seed: int = 0, name: str = "tiny", task: str = "single_label", **card: object
+) -> Path:
+    """A real, small seed_cnn checkpoint (random weights) written with the real save()."""
+    import torch
+
+    torch.manual_seed(seed)
+    net = architectures.build("seed_cnn", len(TINY_CLASSES), **TINY_ARCH_ARGS)
+    fields = {
+        "name": name,
+        "arch": "seed_cnn",
+        "arch_args": TINY_ARCH_ARGS,
+        "classes": TINY_CLASSES,
+        "task": task,
+        "preprocess": TINY_PREPROCESS,
+    }
+    fields.update(card)
+    return save(path, net, ModelCard(**fields))
+
+
+COLORS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
+
+
+def write_photo_folder(
+    root: Path,
+    per_class: int = 10,
+    classes: dict[str, tuple[int, int, int]] = COLORS,
+    size: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A class-folder photo set: ``root/<class>/NN.jpg``, a noisy flat colour per class. Without
+    ``size`` the photos' widths vary (40 + i) so no two are the same size."""
+    for name, color in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo = photo_bytes(size or (40 + i, 36), color, seed=seed + i)
+            (root / name / f"{i:02d}.jpg").write_bytes(photo)
+    return root
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ``../shared/data``, or skip the test with a clear message where it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(
+            f"needs the real photo set {path} (../shared/data beside the repo), absent here"
+        )
+    return path
