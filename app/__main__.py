@@ -6,6 +6,7 @@ most ``PHOTOTAG_SHUTDOWN_TIMEOUT_S``), then the lifespan drains the batcher; the
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 from types import FrameType
@@ -13,43 +14,28 @@ from types import FrameType
 import uvicorn
 
 from app.logs import configure_logging
-from app.registry import SUFFIX, discover
-from app.settings import Settings, get_settings
-from app.tagger import resolve_device
-from model.checkpoint import CheckpointError, load
-
-
-def check_models(settings: Settings) -> None:
-    """Raise CheckpointError, with a reason for a person, when there is nothing usable to serve."""
-    resolve_device(settings.device)
-    if settings.models_dir is None:
-        load(settings.checkpoint)
-        return
-    if not settings.models_dir.is_dir():
-        raise CheckpointError(f"PHOTOTAG_MODELS_DIR={settings.models_dir} is not a folder")
-    sources = discover(settings)
-    if not sources:
-        raise CheckpointError(f"no *{SUFFIX} checkpoint in {settings.models_dir}")
-    if settings.default_model and settings.default_model not in sources:
-        raise CheckpointError(
-            f"PHOTOTAG_DEFAULT_MODEL={settings.default_model} but there is no "
-            f"{settings.default_model}{SUFFIX} in {settings.models_dir}"
-        )
+from app.main import create_app
+from app.settings import get_settings
+from model.checkpoint import CheckpointError
+from model.runtime import ConfigError
 
 
 def main() -> int:
-    settings = get_settings()
-    configure_logging(settings.log_level, settings.log_format)
-    try:  # refuse to start with one clear line, not a traceback, when the model is unusable
-        check_models(settings)
-    except CheckpointError as exc:
+    # Refuse to start with one clear line, not a traceback, when a setting or the default model
+    # is unusable. The models load here, once, before the server listens.
+    try:
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        app = create_app(settings)
+        asyncio.run(app.state.registry.start())
+    except (ConfigError, CheckpointError) as exc:
         print(f"phototag: cannot start: {exc}", file=sys.stderr)
         return 2
     # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly; answering that with
     # a plain exit makes a graceful stop exit 0 (orchestrators read 143 as a crash).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
-        "app.main:app",
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

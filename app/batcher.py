@@ -2,11 +2,11 @@
 
 Requests put preprocessed photos in one bounded queue and await their futures. One worker task takes
 the oldest photo, waits at most ``max_wait_s`` (counted from that photo's arrival) for others of the
-same model, and runs up to ``max_batch_size`` of them as one forward pass on the single inference
+same tagger, and runs up to ``max_batch_size`` of them as one forward pass on the single inference
 thread. A full queue refuses at once (503 + Retry-After), a photo not done within ``timeout_s`` is
 abandoned (503), and a CUDA out-of-memory error splits the batch in halves until the photos that
-still fail are alone: only they fail. A photo carries its model object, so a hot-reloaded model
-never mixes with the old one in a batch and in-flight photos finish on the model they started on.
+still fail are alone: only they fail. A photo carries its tagger, so a hot-reloaded model never
+mixes with the old one in a batch and in-flight photos finish on the tagger they started on.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ log = logging.getLogger("phototag.batcher")
 Result = torch.Tensor | ApiError
 
 
-class Model(Protocol):
+class Tagger(Protocol):
+    """What the batcher needs of a :class:`model.tagger.Tagger`."""
+
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_classes)."""
         ...
 
 
 class BatchObserver(Protocol):
-    def observe_batch(self, model: str, size: int, seconds: float) -> None: ...
+    def observe_batch(self, model_id: str, size: int, seconds: float) -> None: ...
 
     def set_queue_depth(self, depth: int) -> None: ...
 
@@ -55,8 +57,8 @@ class ShuttingDown(ApiError):
 
 @dataclass(eq=False)
 class _Item:
-    model: Model
-    label: str
+    tagger: Tagger
+    model_id: str
     tensor: torch.Tensor  # (3, H, W)
     future: asyncio.Future[Result]
     arrived: float = field(default_factory=time.monotonic)
@@ -118,7 +120,7 @@ class Batcher:
             self._admitted -= photos
 
     async def infer(
-        self, model: Model, tensors: list[torch.Tensor], label: str = ""
+        self, tagger: Tagger, tensors: list[torch.Tensor], model_id: str = ""
     ) -> list[Result]:
         """Per photo, its (num_classes,) probabilities or the ApiError that failed it."""
         if self._closing:
@@ -127,7 +129,7 @@ class Batcher:
         if waiting + len(tensors) > self.max_queue:
             raise Overloaded(waiting, self.max_queue)
         loop = asyncio.get_running_loop()
-        items = [_Item(model, label, t, loop.create_future()) for t in tensors]
+        items = [_Item(tagger, model_id, t, loop.create_future()) for t in tensors]
         self._queue.extend(items)
         self._queue_changed()
         futures = [item.future for item in items]
@@ -157,7 +159,7 @@ class Batcher:
                 await self._arrived.wait()
             first = self._queue[0]
             await self._gather_more(first)
-            batch = self._take(first.model)
+            batch = self._take(first.tagger)
             if batch:
                 await self._run(batch)
 
@@ -167,9 +169,9 @@ class Batcher:
         return bool(self._queue)
 
     async def _gather_more(self, first: _Item) -> None:
-        """Wait until a full batch of ``first``'s model is queued, or ``first`` waited enough."""
+        """Wait until a full batch of ``first``'s tagger is queued, or ``first`` waited enough."""
         deadline = first.arrived + self.max_wait_s
-        while not self._closing and self._count(first.model) < self.max_batch_size:
+        while not self._closing and self._count(first.tagger) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -177,16 +179,16 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    def _count(self, model: Model) -> int:
-        return sum(1 for item in self._queue if item.model is model and not item.future.done())
+    def _count(self, tagger: Tagger) -> int:
+        return sum(1 for item in self._queue if item.tagger is tagger and not item.future.done())
 
-    def _take(self, model: Model) -> list[_Item]:
+    def _take(self, tagger: Tagger) -> list[_Item]:
         batch: list[_Item] = []
         rest: deque[_Item] = deque()
         for item in self._queue:
             if item.future.done():
                 continue
-            if item.model is model and len(batch) < self.max_batch_size:
+            if item.tagger is tagger and len(batch) < self.max_batch_size:
                 batch.append(item)
             else:
                 rest.append(item)
@@ -195,17 +197,19 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[_Item]) -> None:
-        model, started = batch[0].model, time.perf_counter()
+        tagger, started = batch[0].tagger, time.perf_counter()
         tensors = [item.tensor for item in batch]
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, forward_splitting_on_oom, model.probabilities, tensors
+                self._executor, forward_splitting_on_oom, tagger.probabilities, tensors
             )
         except Exception as exc:  # the server stays up; only this batch's photos fail
             log.exception("inference failed on a batch of %d", len(batch))
             results = [InferenceFailed(f"{type(exc).__name__}: {exc}")] * len(batch)
         if self.observer is not None:
-            self.observer.observe_batch(batch[0].label, len(batch), time.perf_counter() - started)
+            self.observer.observe_batch(
+                batch[0].model_id, len(batch), time.perf_counter() - started
+            )
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
@@ -237,9 +241,3 @@ def forward_splitting_on_oom(
 def _release_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def default_batching(device: torch.device) -> tuple[int, float]:
-    """(max batch size, max wait in seconds): a GPU gains more from big batches than a CPU, whose
-    forward pass already keeps every core busy."""
-    return (32, 0.005) if device.type == "cuda" else (8, 0.002)

@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from model.imageio import PhotoError
+
 log = logging.getLogger("phototag.errors")
 
 
@@ -23,6 +25,20 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+# The HTTP status of each model-side photo error code.
+_PHOTO_STATUS = {
+    "empty_file": 400,
+    "image_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_image": 422,
+}
+
+
+def photo_error(error: PhotoError) -> ApiError:
+    """A photo the model side refused, as the API answers it."""
+    return ApiError(_PHOTO_STATUS.get(error.code, 422), error.code, error.message)
 
 
 class Unauthorized(ApiError):
@@ -95,12 +111,15 @@ def _retry(seconds: int) -> dict[str, str]:
     return {"Retry-After": str(seconds)}
 
 
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The one JSON shape of every error the server answers."""
+    return {"error": {"code": code, "message": message}}
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 _HTTP_CODES = {

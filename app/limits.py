@@ -11,7 +11,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ApiError
+from app.errors import ApiError, error_body
 
 
 class BodyTooLarge(ApiError):
@@ -61,8 +61,7 @@ class BodySizeLimitMiddleware:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        error = {"code": "payload_too_large", "message": _message(self.max_body_bytes)}
-        body = json.dumps({"error": error}).encode()
+        body = json.dumps(error_body("payload_too_large", _message(self.max_body_bytes))).encode()
         await send(
             {
                 "type": "http.response.start",

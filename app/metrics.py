@@ -61,22 +61,22 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 
-    def observe_batch(self, model: str, size: int, seconds: float) -> None:
-        self.batch_size.labels(model).observe(size)
-        self.inference.labels(model).observe(seconds)
+    def observe_batch(self, model_id: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(model_id).observe(size)
+        self.inference.labels(model_id).observe(seconds)
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
-    def model_loaded(self, model: str, name: str, version: str, device: str) -> None:
-        self.model_loads.labels(model, "ok").inc()
-        self.model_info.labels(model, name, version, device).set(1)
+    def model_loaded(self, model_id: str, card_name: str, version: str, device: str) -> None:
+        self.model_loads.labels(model_id, "ok").inc()
+        self.model_info.labels(model_id, card_name, version, device).set(1)
 
-    def model_refused(self, model: str) -> None:
-        self.model_loads.labels(model, "failed").inc()
+    def model_refused(self, model_id: str) -> None:
+        self.model_loads.labels(model_id, "failed").inc()
 
-    def model_unloaded(self, model: str, name: str, version: str, device: str) -> None:
-        self.model_info.remove(model, name, version, device)
+    def model_unloaded(self, model_id: str, card_name: str, version: str, device: str) -> None:
+        self.model_info.remove(model_id, card_name, version, device)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from app import images
 from app.batcher import Batcher, Result
-from app.errors import ApiError, DecodeTimeout
+from app.errors import ApiError, DecodeTimeout, photo_error
 from app.metrics import Metrics
-from app.tagger import Tagger
+from model.imageio import PhotoError
+from model.tagger import Tagger
 
 log = logging.getLogger("phototag.pipeline")
 
@@ -66,9 +66,10 @@ class Decoder:
 
     def _decode(self, data: bytes, tagger: Tagger) -> torch.Tensor:
         started = time.perf_counter()
-        draft_size = tagger.draft_size(self.reducing_gap)
-        image = images.decode(data, max_pixels=self.max_pixels, draft_size=draft_size)
-        tensor = tagger.preprocess_one(image)
+        try:
+            tensor = tagger.pixels(data, max_pixels=self.max_pixels, reducing_gap=self.reducing_gap)
+        except PhotoError as error:
+            raise photo_error(error) from None
         self.metrics.decode.observe(time.perf_counter() - started)
         return tensor
 
@@ -77,7 +78,7 @@ class Decoder:
 
 
 async def probabilities_for(
-    uploads: list[Upload], tagger: Tagger, label: str, decoder: Decoder, batcher: Batcher
+    uploads: list[Upload], tagger: Tagger, model_id: str, decoder: Decoder, batcher: Batcher
 ) -> list[Result]:
     """Per upload, its (num_classes,) probabilities or the ApiError that failed it; raises the
     first error when every photo failed, and Overloaded at once when the queue has no room."""
@@ -86,7 +87,7 @@ async def probabilities_for(
         good = [i for i, item in enumerate(decoded) if isinstance(item, torch.Tensor)]
         results: list[Result] = list(decoded)
         if good:
-            probs = await batcher.infer(tagger, [decoded[i] for i in good], label)
+            probs = await batcher.infer(tagger, [decoded[i] for i in good], model_id)
             for i, result in zip(good, probs, strict=True):
                 results[i] = result
     errors = [r for r in results if isinstance(r, ApiError)]

@@ -1,6 +1,6 @@
-"""The served models, by name, and their hot reload.
+"""The served models, by model id, and their hot reload.
 
-A model's name is its file name without ``.safetensors`` (``models/pets.safetensors`` -> ``pets``):
+A model id is its file name without ``.safetensors`` (``models/pets.safetensors`` -> ``pets``):
 what the operator sees in the folder, unique by construction, and stable when a retrain changes
 the card. The files are polled (mtime, size, inode) every ``reload_interval_s``: a changed file is
 loaded and warmed up off the request path, then swapped in with one dict assignment, so a request
@@ -22,9 +22,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.errors import ModelNotReady, UnknownModel
 from app.metrics import Metrics
-from app.settings import Settings
-from app.tagger import Tagger
+from app.settings import ServingPlan, Settings
 from model.checkpoint import CheckpointError
+from model.tagger import Tagger
 
 log = logging.getLogger("phototag.registry")
 
@@ -47,7 +47,7 @@ def file_signature(path: Path) -> FileSignature | None:
 
 
 def discover(settings: Settings) -> dict[str, Path]:
-    """Name -> file of every checkpoint to serve. Hidden files are skipped: they are the temp
+    """Model id -> file of every checkpoint to serve. Hidden files are skipped: they are the temp
     files of a write in progress (``.pets.safetensors.1234.tmp``)."""
     if settings.models_dir is None:
         return {settings.checkpoint.stem: settings.checkpoint}
@@ -56,47 +56,54 @@ def discover(settings: Settings) -> dict[str, Path]:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, metrics: Metrics, warm_up_sizes: tuple[int, ...]):
+    def __init__(self, settings: Settings, plan: ServingPlan, metrics: Metrics):
         self.settings = settings
+        self.plan = plan
         self.metrics = metrics
-        self.warm_up_sizes = warm_up_sizes
-        self.default_name = ""
-        self._models: dict[str, Tagger] = {}
+        self.default_id = ""
+        self.started = False
+        self._taggers: dict[str, Tagger] = {}
         self._tried: dict[str, FileSignature | None] = {}  # file state last loaded or refused
 
     # --- serving
 
-    def get(self, name: str | None = None) -> tuple[str, Tagger]:
-        name = name or self.default_name
-        tagger = self._models.get(name)
+    def get(self, model_id: str | None = None) -> tuple[str, Tagger]:
+        model_id = model_id or self.default_id
+        tagger = self._taggers.get(model_id)
         if tagger is None:
-            if not self._models:
+            if not self._taggers:
                 raise ModelNotReady()
-            raise UnknownModel(name, self.names())
-        return name, tagger
+            raise UnknownModel(model_id, self.model_ids())
+        return model_id, tagger
 
-    def names(self) -> list[str]:
-        return sorted(self._models)
+    def model_ids(self) -> list[str]:
+        return sorted(self._taggers)
 
     @property
     def ready(self) -> bool:
-        return self.default_name in self._models
+        return self.default_id in self._taggers
 
     # --- loading
 
     async def start(self) -> None:
         """Load every checkpoint; raise CheckpointError when the default one cannot be served."""
+        if self.settings.models_dir is not None and not self.settings.models_dir.is_dir():
+            raise CheckpointError(f"PHOTOTAG_MODELS_DIR={self.settings.models_dir} is not a folder")
         sources = discover(self.settings)
         if not sources:
             raise CheckpointError(f"no *{SUFFIX} checkpoint in {self.settings.models_dir}")
-        errors = {name: await self._load(name, path) for name, path in sources.items()}
-        self.default_name = self._choose_default(sources)
-        if self.default_name not in self._models:
-            error = errors[self.default_name]
+        errors = {model_id: await self._load(model_id, path) for model_id, path in sources.items()}
+        self.default_id = self._choose_default(sources)
+        if self.default_id not in self._taggers:  # the caller says why, once
+            error = errors[self.default_id]
             if isinstance(error, CheckpointError):
                 raise error
-            raise CheckpointError(f"the default model {self.default_name!r}: {error}")
-        log.info("serving models: %s (default: %s)", ", ".join(self.names()), self.default_name)
+            raise CheckpointError(f"the default model {self.default_id!r}: {error}")
+        for model_id, error in errors.items():
+            if error is not None:
+                log.warning("refused checkpoint %s (%s): %s", model_id, sources[model_id], error)
+        self.started = True
+        log.info("serving models: %s (default: %s)", ", ".join(self.model_ids()), self.default_id)
 
     def _choose_default(self, sources: dict[str, Path]) -> str:
         wanted = self.settings.default_model
@@ -107,7 +114,7 @@ class ModelRegistry:
                     f"found {', '.join(sources) or 'none'}"
                 )
             return wanted
-        loaded = self.names() or sorted(sources)
+        loaded = self.model_ids() or sorted(sources)
         return "default" if "default" in loaded else loaded[0]
 
     async def watch(self) -> None:
@@ -122,49 +129,51 @@ class ModelRegistry:
     async def poll(self) -> None:
         """One pass: reload changed files, load new ones, drop deleted ones."""
         sources = discover(self.settings)
-        for name in list(self._models):
-            if name not in sources or file_signature(sources[name]) is None:
-                self._file_gone(name)
-        for name, path in sources.items():
+        for model_id in list(self._taggers):
+            if model_id not in sources or file_signature(sources[model_id]) is None:
+                self._file_gone(model_id)
+        for model_id, path in sources.items():
             signature = file_signature(path)
-            if signature is not None and signature != self._tried.get(name):
-                await self._load(name, path)
+            if signature is not None and signature != self._tried.get(model_id):
+                old = self._taggers.get(model_id)
+                error = await self._load(model_id, path)
+                if error is not None:
+                    still = f"; still serving version {old.version}" if old else ""
+                    log.warning("refused checkpoint %s (%s): %s%s", model_id, path, error, still)
 
-    async def _load(self, name: str, path: Path) -> Exception | None:
-        """Load, warm up and swap in one checkpoint; on failure keep what is served, return why."""
-        self._tried[name] = file_signature(path)
-        old = self._models.get(name)
+    async def _load(self, model_id: str, path: Path) -> Exception | None:
+        """Load, warm up and swap in one checkpoint; on failure keep what is served and return
+        why (the caller logs it)."""
+        self._tried[model_id] = file_signature(path)
+        old = self._taggers.get(model_id)
         try:
             tagger = await run_in_threadpool(self._build, path)
         except Exception as exc:  # CheckpointError, or anything the file's contents provoke
-            self.metrics.model_refused(name)
-            still = f"; still serving version {old.version}" if old else ""
-            log.warning("refused checkpoint %s (%s): %s%s", name, path, exc, still)
+            self.metrics.model_refused(model_id)
             return exc
         if old is not None and old.version == tagger.version:
             return None  # touched, not changed
-        self._models[name] = tagger  # the atomic swap: requests hold the tagger they started with
-        self.metrics.model_loaded(name, tagger.name, tagger.version, str(tagger.device))
+        self._taggers[model_id] = tagger  # the atomic swap: requests keep the tagger they got
+        self.metrics.model_loaded(model_id, tagger.card_name, tagger.version, str(tagger.device))
         if old is not None:
-            self.metrics.model_unloaded(name, old.name, old.version, str(old.device))
-            log.info("reloaded %s: version %s -> %s", name, old.version, tagger.version)
+            self.metrics.model_unloaded(model_id, old.card_name, old.version, str(old.device))
+            log.info("reloaded %s: version %s -> %s", model_id, old.version, tagger.version)
         else:
-            log.info("loaded %s version %s from %s", name, tagger.version, path)
+            log.info("loaded %s version %s from %s", model_id, tagger.version, path)
         return None
 
     def _build(self, path: Path) -> Tagger:
-        s = self.settings
-        tagger = Tagger.from_file(str(path), s.device, s.autocast, s.backend, s.torch_threads)
-        tagger.warm_up(self.warm_up_sizes)
+        tagger = Tagger.load(path, self.plan.runtime)
+        tagger.warm_up(self.plan.warm_up_sizes)
         return tagger
 
-    def _file_gone(self, name: str) -> None:
-        if name in self._tried and self._tried[name] is None:
+    def _file_gone(self, model_id: str) -> None:
+        if model_id in self._tried and self._tried[model_id] is None:
             return  # already noted
-        self._tried[name] = None
-        if name == self.default_name or self.settings.models_dir is None:
-            log.warning("the checkpoint of %s is gone; still serving it from memory", name)
+        self._tried[model_id] = None
+        if model_id == self.default_id or self.settings.models_dir is None:
+            log.warning("the checkpoint of %s is gone; still serving it from memory", model_id)
             return
-        tagger = self._models.pop(name)
-        self.metrics.model_unloaded(name, tagger.name, tagger.version, str(tagger.device))
-        log.info("stopped serving %s: its checkpoint was removed", name)
+        tagger = self._taggers.pop(model_id)
+        self.metrics.model_unloaded(model_id, tagger.card_name, tagger.version, str(tagger.device))
+        log.info("stopped serving %s: its checkpoint was removed", model_id)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, cast
 
-import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response
 
@@ -28,8 +27,8 @@ from app.schemas import (
     TagResponse,
 )
 from app.settings import Settings
-from app.tagger import Tagger
 from app.uploads import read_uploads
+from model.tagger import Tagger
 
 STATIC = Path(__file__).parent / "static"
 
@@ -80,12 +79,12 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 class Served:
     """The model a request asked for, held for the whole request (a reload cannot swap it)."""
 
-    id: str
+    model_id: str
     tagger: Tagger
     default: bool
 
     def ref(self) -> ModelRef:
-        return ModelRef(id=self.id, name=self.tagger.name, version=self.tagger.version)
+        return ModelRef(id=self.model_id, name=self.tagger.card_name, version=self.tagger.version)
 
 
 async def get_served(
@@ -99,8 +98,8 @@ async def get_served(
         ),
     ] = None,
 ) -> Served:
-    name, tagger = registry.get(model)
-    return Served(name, tagger, name == registry.default_name)
+    model_id, tagger = registry.get(model)
+    return Served(model_id, tagger, model_id == registry.default_id)
 
 
 ServedDep = Annotated[Served, Depends(get_served)]
@@ -165,7 +164,7 @@ async def tag_photos(
     all: Annotated[bool, Query(description="Also return every class's probability.")] = False,
 ) -> TagResponse:
     uploads = await read_uploads(request, settings)
-    results = await probabilities_for(uploads, served.tagger, served.id, decoder, batcher)
+    results = await probabilities_for(uploads, served.tagger, served.model_id, decoder, batcher)
     k = top_k or settings.default_top_k
     photos = [
         shape_result(upload.filename, result, served.tagger, k, threshold, all)
@@ -182,25 +181,16 @@ def shape_result(
     threshold: float | None,
     include_all: bool,
 ) -> PhotoResult:
-    """One photo's probabilities (num_classes,) -> its top tags above the threshold."""
+    """One photo's probabilities (num_classes,) or error -> its result in the response."""
     if isinstance(result, ApiError):
         error = {"code": result.code, "message": result.message}
         return PhotoResult(filename=filename, tags=[], error=error)
-    probs, classes = result, tagger.classes
-    if threshold is not None:
-        keep = probs >= threshold
-    elif tagger.card.thresholds is not None:
-        keep = probs >= torch.tensor(tagger.card.thresholds)
-    else:
-        keep = torch.ones_like(probs, dtype=torch.bool)
-    values, indices = probs.topk(min(top_k, len(classes)))
     tags = [
-        Tag(label=classes[i], probability=float(p))
-        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
-        if keep[i]
+        Tag(label=tag.label, probability=tag.probability)
+        for tag in tagger.tags(result, top_k, threshold)
     ]
     if include_all:
-        everything = dict(zip(classes, probs.tolist(), strict=True))
+        everything = dict(zip(tagger.classes, result.tolist(), strict=True))
         return PhotoResult(filename=filename, tags=tags, probabilities=everything)
     return PhotoResult(filename=filename, tags=tags)
 
@@ -212,14 +202,14 @@ def shape_result(
     summary="The served models: ids to pass as ?model=, versions, and the default",
 )
 async def list_models(registry: RegistryDep) -> ModelList:
-    summaries = [summary(*registry.get(name), registry.default_name) for name in registry.names()]
-    return ModelList(default=registry.default_name, models=summaries)
+    summaries = [summary(*registry.get(i), registry.default_id) for i in registry.model_ids()]
+    return ModelList(default=registry.default_id, models=summaries)
 
 
-def summary(name: str, tagger: Tagger, default_name: str) -> ModelSummary:
+def summary(model_id: str, tagger: Tagger, default_id: str) -> ModelSummary:
     card = tagger.card
     return ModelSummary(
-        id=name,
+        id=model_id,
         name=card.name,
         version=tagger.version,
         task=card.task,
@@ -228,7 +218,7 @@ def summary(name: str, tagger: Tagger, default_name: str) -> ModelSummary:
         device=str(tagger.device),
         backend=tagger.backend,
         precision=tagger.precision,
-        default=name == default_name,
+        default=model_id == default_id,
     )
 
 
@@ -241,7 +231,7 @@ def summary(name: str, tagger: Tagger, default_name: str) -> ModelSummary:
 async def model_info(served: ServedDep) -> ModelInfo:
     card = served.tagger.card
     return ModelInfo(
-        id=served.id,
+        id=served.model_id,
         default=served.default,
         name=card.name,
         version=served.tagger.version,

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.runtime import ConfigError, RuntimeChoice
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+ENV_PREFIX = "PHOTOTAG_"
 
 # A comma-separated environment variable read as a list ("a, b" -> ["a", "b"]).
 CommaList = Annotated[list[str], NoDecode]
@@ -19,7 +24,7 @@ CommaList = Annotated[list[str], NoDecode]
 class Settings(BaseSettings):
     """Every field is one environment variable: ``PHOTOTAG_`` + the field name in capitals."""
 
-    model_config = SettingsConfigDict(env_prefix="PHOTOTAG_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     # --- models
     checkpoint: Path = Field(
@@ -126,7 +131,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Origins allowed to call the API from a browser (CORS); * for any.",
     )
-    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning, error."
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="text (key=value pairs) or json (one JSON object per line)."
     )
@@ -140,6 +147,11 @@ class Settings(BaseSettings):
         if 0 < value < 1:
             raise ValueError("use 0 (decode in full) or a value of at least 1")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("device")
     @classmethod
@@ -155,7 +167,59 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    def serving_plan(self) -> ServingPlan:
+        """Every value the server derives from the settings and the machine, resolved in one
+        place; raises :class:`ConfigError` (one line, naming the variable) when one cannot
+        work here."""
+        names = {
+            "device": "PHOTOTAG_DEVICE",
+            "backend": "PHOTOTAG_BACKEND",
+            "autocast": "PHOTOTAG_AUTOCAST",
+            "threads": "PHOTOTAG_TORCH_THREADS",
+        }
+        runtime = RuntimeChoice.resolve(
+            self.device, self.backend, self.autocast, self.torch_threads, names
+        )
+        # a GPU gains more from big batches than a CPU, whose forward pass already keeps every
+        # core busy
+        gpu = runtime.device.type == "cuda"
+        size = self.max_batch_size or (32 if gpu else 8)
+        wait_ms = self.max_batch_wait_ms if self.max_batch_wait_ms is not None else 5 if gpu else 2
+        return ServingPlan(
+            runtime=runtime,
+            max_batch_size=size,
+            max_batch_wait_s=wait_ms / 1000,
+            decode_threads=self.decode_threads or min(8, os.cpu_count() or 1),
+            warm_up_sizes=tuple(sorted({1, size})),
+        )
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What :meth:`Settings.serving_plan` resolved: the runtime of every model, batching, and
+    the decode pool."""
+
+    runtime: RuntimeChoice
+    max_batch_size: int
+    max_batch_wait_s: float
+    decode_threads: int
+    warm_up_sizes: tuple[int, ...]  # batch sizes each model runs once before it serves
+
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a bad value raises :class:`ConfigError` whose message
+    names the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def describe(error: ValidationError) -> str:
+    """A pydantic error on settings -> one line per bad variable: ``PHOTOTAG_X=value: why``."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        lines.append(f"{ENV_PREFIX}{field.upper()}={item.get('input')!s}: {item['msg']}")
+    return "; ".join(lines)

@@ -16,6 +16,7 @@ fewer than two classes, is a :class:`DataError` before any training starts.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import random
@@ -32,7 +33,14 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from model.imageio import open_rgb
-from model.preprocess import INTERPOLATIONS, Preprocess, build_eval_transform, limit_aspect
+from model.preprocess import (
+    INTERPOLATIONS,
+    Preprocess,
+    build_eval_transform,
+    limit_aspect,
+    normalize,
+    resize,
+)
 
 SPLITS = ("train", "val", "test")
 TASKS = ("single_label", "multi_label")
@@ -346,13 +354,10 @@ def fingerprint(spec: DatasetSpec, root: Path) -> str:
 
 
 def decode_at_working_size(path: str | Path, pre: Preprocess) -> torch.Tensor:
-    """A photo -> uint8 (3, H, W) with the shorter side at ``pre.resize``, as the first steps of
-    :func:`build_eval_transform` make it, so that transform's own resize is then a no-op."""
-    image = TF.pil_to_tensor(limit_aspect(open_rgb(str(path))))  # (3, H, W) uint8
-    if min(image.shape[-2:]) == pre.resize:
-        return image  # what the resize would return; skipping it saves most of a tiny photo's time
-    interpolation = INTERPOLATIONS[pre.interpolation]
-    return TF.resize(image, [pre.resize], interpolation=interpolation, antialias=True)
+    """A photo -> uint8 (3, H, W) at the working size, by :func:`model.preprocess.resize`, the
+    server's own resize: :func:`build_eval_transform` then only crops it, so validation sees
+    exactly the pixels the server would feed the network."""
+    return TF.pil_to_tensor(resize(open_rgb(str(path)), pre))  # (3, H, W) uint8
 
 
 class ImageCache:
@@ -437,7 +442,7 @@ class Augment:
 
 def build_train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
     """PIL image or uint8 tensor (3, H, W) -> augmented, normalised float (3, crop, crop)."""
-    interpolation = INTERPOLATIONS[pre.interpolation]
+    interpolation = INTERPOLATIONS[pre.interpolation].torchvision
     steps: list[Callable] = [_limit_aspect_of_pil, T.PILToTensor()]
     if aug.random_resized_crop:
         steps.append(
@@ -466,7 +471,7 @@ def build_train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
         steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5)))
     if aug.trivial_augment:
         steps.append(T.TrivialAugmentWide(interpolation=interpolation))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    steps.append(functools.partial(normalize, pre=pre))
     if aug.random_erasing > 0:
         steps.append(T.RandomErasing(p=aug.random_erasing))
     return T.Compose(steps)
@@ -475,12 +480,6 @@ def build_train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
 def _limit_aspect_of_pil(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
     """Cached tensors were limited when decoded; a photo opened from disk is limited here."""
     return limit_aspect(image) if isinstance(image, Image.Image) else image
-
-
-def as_pil(image: Image.Image | torch.Tensor) -> Image.Image:
-    """The eval transform takes PIL images (as the server hands it): cached uint8 tensors are
-    turned back into one, losslessly."""
-    return TF.to_pil_image(image) if isinstance(image, torch.Tensor) else image
 
 
 def _shift_pixels(pre: Preprocess, aug: Augment) -> int:
@@ -507,14 +506,7 @@ def augment_batch(images: torch.Tensor, pre: Preprocess, aug: Augment) -> torch.
         crops = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, crops.flip(-1), crops)
     if aug.vflip:
         crops = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, crops.flip(-2), crops)
-    return normalize_batch(crops, pre)
-
-
-def normalize_batch(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8-valued (B, 3, H, W) -> float, scaled to [0, 1] and normalised like the eval path."""
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return normalize(crops, pre)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,6 +574,5 @@ def make_eval_loader(
     transform, ``build_eval_transform(preprocess)``. ``classes`` is the class list or its length.
     """
     num_classes = classes if isinstance(classes, int) else len(classes)
-    transform = T.Compose([as_pil, build_eval_transform(preprocess)])
-    dataset = PhotoDataset(samples, num_classes, task, transform, cache)
+    dataset = PhotoDataset(samples, num_classes, task, build_eval_transform(preprocess), cache)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -1,9 +1,11 @@
-"""Input preprocessing, described by the checkpoint and built in one place.
+"""Preprocessing, described by the checkpoint and written once: resize, crop, normalize, and
+the interpolation table, for every path that feeds a network.
 
-Training-time validation and ``model.evaluate`` call :func:`build_eval_transform` with the
-checkpoint's :class:`Preprocess`; the server runs the same two stages it composes
-(:func:`resize_and_crop` on its decode threads, :func:`normalize` once per batch), so what a model
-saw while it was measured is exactly what it sees when it serves.
+The server runs :func:`resize_and_crop` on its decode threads and :func:`normalize` once per
+batch; the training cache keeps photos after :func:`resize` (so its crop is exact), validation,
+the temperature fit and the evaluate CLI run :func:`build_eval_transform`, and training
+augmentation ends in :func:`normalize`. So what a model saw while it was measured is, pixel for
+pixel, what it sees when it serves.
 """
 
 from __future__ import annotations
@@ -19,10 +21,21 @@ from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    """One resize filter under its two names: Pillow's (every resize to the working size) and
+    torchvision's (training augmentation that resizes, such as RandomResizedCrop)."""
+
+    pil: Image.Resampling
+    torchvision: InterpolationMode
+
+
 INTERPOLATIONS = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
+    "bilinear": Interpolation(Image.Resampling.BILINEAR, InterpolationMode.BILINEAR),
+    "bicubic": Interpolation(Image.Resampling.BICUBIC, InterpolationMode.BICUBIC),
+    "nearest": Interpolation(Image.Resampling.NEAREST, InterpolationMode.NEAREST),
 }
 
 
@@ -91,48 +104,57 @@ def limit_aspect(image: Image.Image) -> Image.Image:
     return image.crop((0, top, width, top + keep))
 
 
-_PIL_FILTERS = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
+def resize(image: Image.Image, pre: Preprocess) -> Image.Image:
+    """Any RGB image -> its shorter side at ``pre.resize`` px (the long side cut first to
+    MAX_ASPECT x the short one, see :func:`limit_aspect`): the working size.
+
+    Pillow's bilinear/bicubic filters cover the whole source footprint when they shrink
+    (antialiased), like torchvision's ``Resize(antialias=True)``, with the same size rule."""
+    image = limit_aspect(image)
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(pre.resize * long / short)
+    size = (pre.resize, new_long) if width <= height else (new_long, pre.resize)
+    if size == image.size:
+        return image
+    return image.resize(size, INTERPOLATIONS[pre.interpolation].pil)
+
+
+def center_crop(image: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """An image at the working size -> its middle ``crop`` x ``crop`` as uint8 (3, crop, crop)."""
+    left = round((image.width - pre.crop) / 2.0)
+    top = round((image.height - pre.crop) / 2.0)
+    image = image.crop((left, top, left + pre.crop, top + pre.crop))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) view
 
 
 def resize_and_crop(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     """Geometry: PIL RGB image (any size) -> uint8 (3, crop, crop) pixels.
 
     Pillow and numpy only, no torch kernels: it runs on a server's decode threads, where torch's
-    OpenMP intra-op threads would fight the inference thread for the cores (tiny float ops were
-    measured 400x slower that way on two busy cores). Pillow's bilinear/bicubic resize filters
-    over the whole source footprint when it shrinks (antialiased), like torchvision's
-    ``Resize(antialias=True)``, with the same output size rule (shorter side -> ``resize``)."""
-    image = limit_aspect(image)
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(pre.resize * long / short)
-    size = (pre.resize, new_long) if width <= height else (new_long, pre.resize)
-    if size != image.size:
-        image = image.resize(size, _PIL_FILTERS[pre.interpolation])
-    left = round((size[0] - pre.crop) / 2.0)
-    top = round((size[1] - pre.crop) / 2.0)
-    image = image.crop((left, top, left + pre.crop, top + pre.crop))
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) view
+    OpenMP intra-op threads would fight the inference thread for the cores. A photo already at
+    the working size (the training cache's) is only cropped."""
+    return center_crop(resize(image, pre), pre)
 
 
 def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` per channel, in the same
-    operations as torchvision's ``ToDtype(scale=True)`` + ``Normalize`` (bit for bit); one pass
-    over a whole batch on the thread that runs the network."""
+    """uint8 (or uint8-valued) (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` per channel,
+    in the same operations as torchvision's ``ToDtype(scale=True)`` + ``Normalize`` (bit for
+    bit). The server runs it once per batch on the inference thread, training at the end of
+    augmentation, evaluation in :func:`build_eval_transform`."""
     mean = torch.tensor(pre.mean, device=pixels.device).view(3, 1, 1)
     std = torch.tensor(pre.std, device=pixels.device).view(3, 1, 1)
-    return pixels.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+    return pixels.to(torch.float32, copy=True).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
-def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image (any size) -> normalised float tensor (3, crop, crop): the two stages
-    :func:`resize_and_crop` and :func:`normalize` that a server runs on different threads."""
+def build_eval_transform(pre: Preprocess) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+    """PIL RGB image (any size), or a uint8 (3, H, W) tensor at the working size (the training
+    cache's) -> normalised float (3, crop, crop): the two stages :func:`resize_and_crop` and
+    :func:`normalize` that a server runs on different threads."""
 
-    def transform(image: Image.Image) -> torch.Tensor:
+    def transform(image: Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            image = Image.fromarray(image.permute(1, 2, 0).numpy())  # lossless: uint8 RGB
         return normalize(resize_and_crop(image, pre), pre)
 
     return transform

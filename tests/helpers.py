@@ -97,3 +97,11 @@ def shared_data(name: str) -> Path:
             f"needs the real photo set {path} (../shared/data beside the repo), absent here"
         )
     return path
+
+
+def load_tagger(path: Path, device: str = "cpu", autocast: str = "off", backend: str = "torch"):
+    """A :class:`model.tagger.Tagger` on the runtime these settings resolve to."""
+    from model.runtime import RuntimeChoice
+    from model.tagger import Tagger
+
+    return Tagger.load(path, RuntimeChoice.resolve(device, backend, autocast))

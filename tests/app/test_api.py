@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from app.images import decode
 from app.settings import Settings
 from model.checkpoint import load
+from model.imageio import decode
 from tests.helpers import REPO, TINY_CLASSES, photo_bytes, write_tiny_checkpoint
 
 

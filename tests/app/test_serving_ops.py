@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.auth import key_matches
 from app.logs import JsonFormatter, KeyValueFormatter
-from app.tagger import Tagger
+from model.tagger import Tagger
 from tests.helpers import photo_bytes
 
 
@@ -287,3 +287,13 @@ def test_openapi_documents_routes_forms_errors_and_keys(client):
     schemas = spec["components"]["schemas"]
     assert schemas["TagResponse"]["examples"][0]["results"][0]["tags"]
     assert schemas["ErrorResponse"]["examples"]
+
+
+def test_warm_up_runs_a_single_photo_and_a_full_batch(client_for, tiny_checkpoint, monkeypatch):
+    sizes = []
+    original = Tagger.probabilities
+    monkeypatch.setattr(
+        Tagger, "probabilities", lambda s, b: sizes.append(len(b)) or original(s, b)
+    )
+    client_for(tiny_checkpoint, max_batch_size=6)
+    assert sizes == [1, 6]

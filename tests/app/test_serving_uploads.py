@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageFile
 from PIL.GifImagePlugin import GifImageFile
 
-from app import images
-from tests.helpers import photo_bytes, shared_data
+from model import imageio as images
+from tests.helpers import load_tagger, photo_bytes, shared_data
 
 FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF"]
 
@@ -126,15 +126,16 @@ def test_jpeg_decodes_in_draft_mode_near_the_model_input_size():
 
 @pytest.mark.parametrize(("gap", "expected_size"), [(1, (250, 188)), (6, (500, 375)), (0, None)])
 def test_the_decoder_drafts_at_the_reducing_gap_times_the_resize(tiny_checkpoint, gap,
-                                                                  expected_size):  # fmt: skip
+                                                                  expected_size,
+                                                                  monkeypatch):  # fmt: skip
     from app.metrics import Metrics
     from app.pipeline import Decoder
-    from app.tagger import Tagger
+    from model import tagger as tagger_module
 
-    tagger = Tagger.from_file(str(tiny_checkpoint), "cpu", "off", "torch")  # resize 36
+    tagger = load_tagger(tiny_checkpoint)  # resize 36
     decoder = Decoder(1, 10**8, 10.0, Metrics(), reducing_gap=gap)
     sizes = []
-    tagger.preprocess_one = lambda image: sizes.append(image.size)
+    monkeypatch.setattr(tagger_module, "resize_and_crop", lambda image, _: sizes.append(image.size))
     try:
         decoder._decode(photo_bytes((2000, 1500), noise=0), tagger)
     finally:
@@ -148,20 +149,17 @@ def test_reducing_gaps_keep_shipped_photos_close_to_a_full_decode(default_checkp
     decoded at a reduced scale (3 of the ants-bees set; gap 1 drafts all 3, gap 2 one)."""
     import torch
 
-    from app.tagger import Tagger
-
     photos = [
         p.read_bytes()
         for p in sorted(shared_data("ants-bees/train").rglob("*.jpg"))
         if min(Image.open(p).size) >= 512
     ]
     assert len(photos) == 3
-    tagger = Tagger.from_file(str(default_checkpoint), "cpu", "off", "torch")
+    tagger = load_tagger(default_checkpoint)
 
     def probabilities(gap: float) -> torch.Tensor:
-        draft = tagger.draft_size(gap)
-        decoded = [images.decode(d, max_pixels=10**9, draft_size=draft) for d in photos]
-        return tagger.probabilities(torch.stack([tagger.preprocess_one(i) for i in decoded]))
+        pixels = [tagger.pixels(d, max_pixels=10**9, reducing_gap=gap) for d in photos]
+        return tagger.probabilities(torch.stack(pixels))
 
     full = probabilities(0)
     fastest, default = ((probabilities(gap) - full).abs().max() for gap in (1, 2))

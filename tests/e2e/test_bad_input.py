@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 from PIL.GifImagePlugin import GifImageFile
 
-from app import images
+from model import imageio as images
 from model.preprocess import Preprocess, build_eval_transform
 from tests.helpers import photo_bytes, write_tiny_checkpoint
 from tests.stress.server import LOOPBACK, Server

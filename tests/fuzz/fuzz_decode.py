@@ -1,9 +1,9 @@
 """Coverage-guided fuzz target (atheris/libFuzzer) for the upload decode path: bytes ->
-``app.images.decode`` (format sniffing, Pillow, EXIF orientation, RGB) -> the eval transform.
+``model.imageio.decode`` (format sniffing, Pillow, EXIF orientation, RGB) -> the eval transform.
 
 The property: any input either decodes to an RGB image within the pixel limit that preprocesses to
-(3, crop, crop), or is refused with an ApiError of a 4xx status. Anything else (another exception,
-a crash, a hang past -timeout, memory past -rss_limit_mb) is a finding.
+(3, crop, crop), or is refused with a PhotoError the API answers with a 4xx status. Anything else
+(another exception, a crash, a hang past -timeout, memory past -rss_limit_mb) is a finding.
 
 Short run (what CI does, via tests/app/test_fuzz_decode.py, ~15 s from a generated seed corpus):
 
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 # Pillow's plugins are Python: instrumenting them is what makes the search coverage-guided
 # inside the parsers, not just in our own code.
-with atheris.instrument_imports(include=["PIL", "app.images", "model.imageio", "model.preprocess"]):
-    from app import images
-    from app.errors import ApiError
+with atheris.instrument_imports(include=["PIL", "model.imageio", "model.preprocess"]):
+    from app.errors import photo_error
+    from model import imageio as images
     from model.preprocess import Preprocess, build_eval_transform
 
 # Small limits keep each run fast; the logic under test is the same at any limit.
@@ -45,7 +45,8 @@ warnings.simplefilter("ignore")  # Pillow warns on odd tags; decode() still turn
 def test_one_input(data: bytes) -> None:
     try:
         image = images.decode(data, max_pixels=MAX_PIXELS, draft_size=PREPROCESS.resize)
-    except ApiError as error:
+    except images.PhotoError as refused:
+        error = photo_error(refused)
         if not 400 <= error.status < 500:
             raise AssertionError(f"decode refused with a {error.status}: {error.message}") from None
         return

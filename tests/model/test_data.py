@@ -14,7 +14,7 @@ from PIL import Image
 from model import data
 from model.data import Augment, DataError, Sample, load_dataset
 from model.imageio import open_rgb
-from model.preprocess import Preprocess, build_eval_transform
+from model.preprocess import Preprocess, build_eval_transform, normalize
 from tests.helpers import COLORS, photo_bytes
 from tests.helpers import write_photo_folder as make_folder
 
@@ -194,7 +194,7 @@ def test_cached_photos_give_exactly_the_served_eval_tensor(tmp_path):
     cache = data.ImageCache(PRE)
     cache.add([path])
     transform = build_eval_transform(PRE)
-    assert torch.equal(transform(data.as_pil(cache.get(path))), transform(open_rgb(str(path))))
+    assert torch.equal(transform(cache.get(path)), transform(open_rgb(str(path))))
 
 
 def test_the_cache_decodes_each_photo_once(tmp_path, monkeypatch):
@@ -244,9 +244,7 @@ def test_every_augmentation_can_be_switched_on_and_off(tmp_path):
     plain = data.build_train_transform(Preprocess(resize=32, crop=32), nothing)
     expected = build_eval_transform(Preprocess(resize=32, crop=32))
     small = image[:, :32, :32]
-    assert torch.allclose(
-        plain(small), expected(data.as_pil(small))
-    )  # all off: exactly the eval tensor
+    assert torch.equal(plain(small), expected(small))  # all off: exactly the eval tensor
     assert nothing.batchable and not everything.batchable
 
 
@@ -261,7 +259,7 @@ def test_batched_shift_and_flip_keep_pixels_and_shapes():
     unchanged = data.augment_batch(
         images, pre, Augment(random_resized_crop=False, color_jitter=0, hflip=False)
     )
-    assert torch.allclose(unchanged, data.normalize_batch(images, pre))
+    assert torch.allclose(unchanged, normalize(images, pre))
 
 
 def test_fingerprint_follows_files_and_labels_not_location(tmp_path):

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from app.tagger import Tagger
 from model import evaluate
-from model.imageio import open_rgb
+from model.checkpoint import load
 from tests.helpers import (
     COLORS,
     TINY_CLASSES,
+    load_tagger,
     photo_bytes,
     write_photo_folder,
     write_tiny_checkpoint,
@@ -120,16 +120,17 @@ def test_cli_on_a_class_folder_evaluates_every_photo(tmp_path, capsys):
 def test_cli_probabilities_are_the_servers(tmp_path, capsys):
     photos = write_photos(tmp_path / "photos", per_class=1)
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors", temperature=0.7)
-    tagger = Tagger.from_file(str(checkpoint), "cpu", "off", "torch")
+    tagger = load_tagger(checkpoint)
     paths = sorted(photos.rglob("*.jpg"))
     served = tagger.probabilities(
-        torch.stack([tagger.preprocess_one(open_rgb(str(p))) for p in paths])
+        torch.stack([tagger.pixels(p.read_bytes(), reducing_gap=0) for p in paths])
     )
     spec = evaluate.data.load_dataset(photos, val_fraction=0.0)
     loader = evaluate.data.make_eval_loader(
         spec.train, TINY_CLASSES, "single_label", tagger.card.preprocess
     )
-    logits, _ = evaluate.predict(tagger.model, loader, "cpu", temperature=0.7)
+    network = load(checkpoint).build_model()
+    logits, _ = evaluate.predict(network, loader, "cpu", temperature=0.7)
     order = [paths.index(s.path) for s in spec.train]
     assert torch.allclose(torch.softmax(logits, 1), served[order], atol=1e-6)
 

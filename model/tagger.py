@@ -1,0 +1,150 @@
+"""Photo bytes -> tags: one checkpoint on one runtime, with no HTTP in sight.
+
+The server, library tagging and any other caller share this pipeline::
+
+    tagger = Tagger.load("checkpoints/default.safetensors")
+    for tag in tagger.tag(Path("cat.jpg").read_bytes()):
+        print(tag.label, tag.probability)
+
+The server splits the same steps over its threads: :meth:`Tagger.pixels` on decode threads,
+:meth:`Tagger.probabilities` for a whole batch on its inference thread, :meth:`Tagger.tags` per
+photo.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import imageio
+from model.checkpoint import Checkpoint, ModelCard
+from model.checkpoint import load as load_checkpoint
+from model.preprocess import normalize, resize_and_crop
+from model.runtime import Runtime, RuntimeChoice, create_runtime
+
+log = logging.getLogger("phototag.tagger")
+
+DEFAULT_MAX_PIXELS = 60_000_000
+DEFAULT_REDUCING_GAP = 2.0
+
+
+@dataclass(frozen=True)
+class Tag:
+    label: str
+    probability: float
+
+
+class Tagger:
+    """The network of one checkpoint, ready to turn photos into tags.
+
+    Not thread-safe by itself: the server runs every forward pass on its one inference thread."""
+
+    def __init__(self, checkpoint: Checkpoint, runtime: Runtime) -> None:
+        self.card: ModelCard = checkpoint.card
+        self.version = checkpoint.version
+        self.path = checkpoint.path
+        self.runtime = runtime
+
+    @classmethod
+    def load(cls, path: str | Path, choice: RuntimeChoice | None = None) -> Tagger:
+        """Read a checkpoint and put it on ``choice``'s runtime (default: the best this machine
+        has, as ``PHOTOTAG_DEVICE``/``PHOTOTAG_BACKEND`` ``auto`` would choose)."""
+        choice = choice or RuntimeChoice.resolve()
+        checkpoint = load_checkpoint(path)
+        net = checkpoint.build_model("cpu")
+        return cls(checkpoint, create_runtime(net, checkpoint.card.preprocess.crop, choice))
+
+    @property
+    def card_name(self) -> str:
+        return self.card.name
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.backend
+
+    @property
+    def precision(self) -> str:
+        return self.runtime.precision
+
+    # ---- the pipeline, step by step
+
+    def draft_size(self, reducing_gap: float) -> int | None:
+        """The JPEG draft target: both sides of a photo decoded at a reduced scale stay at least
+        ``reducing_gap`` times the resize size; None (0) decodes in full."""
+        return round(self.card.preprocess.resize * reducing_gap) or None
+
+    def pixels(
+        self,
+        data: bytes,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        reducing_gap: float = DEFAULT_REDUCING_GAP,
+    ) -> torch.Tensor:
+        """Photo bytes -> uint8 (3, crop, crop), resized and cropped as the checkpoint says.
+        Pillow only (no torch kernels), so it can run on threads beside the network. Raises
+        :class:`model.imageio.PhotoError` for bytes it will not take."""
+        draft = self.draft_size(reducing_gap)
+        image = imageio.decode(data, max_pixels=max_pixels, draft_size=draft)
+        return resize_and_crop(image, self.card.preprocess)
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 pixels (normalised here, on the device) -> (B, num_classes)
+        probabilities on the CPU: softmax of the temperature-scaled logits, or one sigmoid per
+        tag for a multi-label model."""
+        batch = batch.to(self.device, non_blocking=True)
+        logits = self.runtime.run(normalize(batch, self.card.preprocess)).logits
+        logits = logits / self.card.temperature
+        if self.card.task == "multi_label":
+            return torch.sigmoid(logits).cpu()
+        return torch.softmax(logits, dim=1).cpu()
+
+    def tags(
+        self, probabilities: torch.Tensor, top_k: int = 5, threshold: float | None = None
+    ) -> list[Tag]:
+        """One photo's (num_classes,) probabilities -> its ``top_k`` most probable tags, most
+        probable first, keeping those at least ``threshold`` probable (default: the card's
+        per-class thresholds where it has them, else every one)."""
+        if threshold is not None:
+            keep = probabilities >= threshold
+        elif self.card.thresholds is not None:
+            keep = probabilities >= torch.tensor(self.card.thresholds)
+        else:
+            keep = torch.ones_like(probabilities, dtype=torch.bool)
+        values, indices = probabilities.topk(min(top_k, len(self.classes)))
+        return [
+            Tag(self.classes[i], float(p))
+            for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+            if keep[i]
+        ]
+
+    # ---- all at once
+
+    def tag(self, data: bytes, top_k: int = 5, threshold: float | None = None) -> list[Tag]:
+        """Photo bytes -> tags, in one call (one photo, one forward pass)."""
+        return self.tags(self.probabilities(self.pixels(data)[None])[0], top_k, threshold)
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Forward passes on blank batches (one per size: cuDNN picks its kernels per shape), so
+        the first real requests pay no start-up cost."""
+        crop = self.card.preprocess.crop
+        for size in batch_sizes:
+            self.probabilities(torch.zeros(size, 3, crop, crop, dtype=torch.uint8))
+        log.info(
+            "model %s version %s ready on %s (backend %s, %s)",
+            self.card_name,
+            self.version,
+            self.device,
+            self.backend,
+            self.precision,
+        )
