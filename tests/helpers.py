@@ -105,3 +105,22 @@ def load_tagger(path: Path, device: str = "cpu", autocast: str = "off", backend:
     from model.tagger import Tagger
 
     return Tagger.load(path, RuntimeChoice.resolve(device, backend, autocast))
+
+
+def queue_depth(metrics_text: str) -> float:
+    """``phototag_queue_depth`` from a ``GET /metrics`` answer: photos waiting for inference."""
+    for line in metrics_text.splitlines():
+        if line.startswith("phototag_queue_depth "):
+            return float(line.split()[1])
+    raise AssertionError("no phototag_queue_depth in the metrics")
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds: for states another process or thread reaches."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout} s")
+        time.sleep(0.01)

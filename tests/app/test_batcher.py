@@ -20,12 +20,16 @@ class FakeModel:
 
     def __init__(self, oom_above: int | None = None, poison: float | None = None):
         self.sizes: list[int] = []
+        self.started: list[float] = []  # time.monotonic() as each forward pass begins
         self.oom_above = oom_above
         self.poison = poison
+        self.entered = threading.Event()  # a forward pass has begun (and may be held at the gate)
         self.gate = threading.Event()
         self.gate.set()
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        self.started.append(time.monotonic())
+        self.entered.set()
         self.gate.wait(5)
         self.sizes.append(len(batch))
         values = batch[:, 0, 0, 0]
@@ -50,6 +54,19 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def until(condition, timeout: float = 5.0) -> None:
+    """Yield to the event loop until ``condition()`` holds: the tasks under test run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the batcher never reached the state"
+        await asyncio.sleep(0)
+
+
+async def in_forward_pass(model: FakeModel) -> None:
+    """Until the batcher's inference thread has entered ``model``'s forward pass."""
+    assert await asyncio.to_thread(model.entered.wait, 5)
+
+
 def test_concurrent_requests_share_batches_up_to_the_max_size():
     model = FakeModel()
 
@@ -65,19 +82,19 @@ def test_concurrent_requests_share_batches_up_to_the_max_size():
     assert [float(r[0][0]) for r in results] == list(range(10))  # each got its own answer
 
 
-def test_a_lone_photo_waits_at_most_max_wait():
+def test_a_lone_photo_waits_max_wait_for_company_then_runs_alone():
     model = FakeModel()
 
     async def scenario():
-        b = batcher(max_wait_s=0.05)
+        b = batcher(max_wait_s=0.2)
         b.start()
-        started = time.monotonic()
+        arrived = time.monotonic()
         await b.infer(model, [photo(1)])
-        elapsed = time.monotonic() - started
         await b.close()
-        return elapsed
+        return model.started[0] - arrived
 
-    assert run(scenario()) < 1.0
+    waited = run(scenario())
+    assert 0.2 <= waited < 0.3  # never before max_wait, and at once after it
     assert model.sizes == [1]
 
 
@@ -103,9 +120,9 @@ def test_a_full_queue_refuses_at_once_with_overloaded():
         b = batcher(max_batch_size=1, max_wait_s=0, max_queue=2)
         b.start()
         first = asyncio.create_task(b.infer(model, [photo(0)]))
-        await asyncio.sleep(0.05)  # taken by the worker, now blocked in the forward pass
+        await in_forward_pass(model)  # taken by the worker, now blocked in the forward pass
         queued = [asyncio.create_task(b.infer(model, [photo(i)])) for i in (1, 2)]
-        await asyncio.sleep(0.01)
+        await until(lambda: b.depth == 2)
         started = time.monotonic()
         with pytest.raises(Overloaded) as refused:
             await b.infer(model, [photo(3)])
@@ -194,13 +211,13 @@ def test_abandoned_photos_do_not_count_against_new_ones():
         b = batcher(max_batch_size=1, max_wait_s=0, max_queue=2, timeout_s=0.05)
         b.start()
         stuck = asyncio.create_task(b.infer(model, [photo(0)]))
-        await asyncio.sleep(0.02)  # taken by the worker, blocked
+        await in_forward_pass(model)  # taken by the worker, blocked
         with pytest.raises(InferenceTimeout):
             await b.infer(model, [photo(1), photo(2)])  # waits, times out: abandoned, still queued
         assert b.depth == 2 and b.live_depth == 0
         b.timeout_s = 5
         fresh = asyncio.create_task(b.infer(model, [photo(3), photo(4)]))  # not refused
-        await asyncio.sleep(0.02)
+        await until(lambda: b.live_depth == 2)
         model.gate.set()
         results = await fresh
         with contextlib.suppress(InferenceTimeout):
@@ -238,7 +255,7 @@ def test_close_finishes_queued_photos_then_refuses_new_ones():
         b = batcher(max_batch_size=2, max_wait_s=10)  # would wait long without the drain
         b.start()
         pending = [asyncio.create_task(b.infer(model, [photo(i)])) for i in range(3)]
-        await asyncio.sleep(0.01)
+        await until(lambda: b.depth == 3)  # queued (two are then taken as one batch)
         started = time.monotonic()
         await b.close()
         done = await asyncio.gather(*pending)

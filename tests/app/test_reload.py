@@ -11,17 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from model.checkpoint import atomic_write_bytes, load
-from tests.helpers import photo_bytes, write_tiny_checkpoint
+from tests.helpers import photo_bytes, queue_depth, wait_until, write_tiny_checkpoint
 
 FAST = {"reload_interval_s": 0.05}
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def served_version(client, model: str | None = None) -> str:
@@ -63,11 +55,13 @@ def test_a_bad_new_file_is_refused_and_the_old_model_keeps_serving(client_for, t
     wait_until(lambda: served_version(client) == fixed)
 
 
-def test_models_appear_and_disappear_with_their_files(client_for, tmp_path):
+def test_models_appear_and_disappear_with_their_files(client_for, tmp_path, caplog):
     folder = tmp_path / "models"
     write_tiny_checkpoint(folder / "default.safetensors", seed=1)
     write_tiny_checkpoint(folder / "pets.safetensors", seed=2)
     client = client_for(folder / "x.safetensors", models_dir=folder, **FAST)
+
+    caplog.set_level(logging.WARNING, logger="phototag.registry")
 
     def ids():
         return [m["id"] for m in client.get("/v1/models").json()["models"]]
@@ -79,7 +73,7 @@ def test_models_appear_and_disappear_with_their_files(client_for, tmp_path):
     wait_until(lambda: "pets" not in ids())
     assert tag(client, "pets").status_code == 404
     (folder / "default.safetensors").unlink()  # the default keeps serving from memory
-    time.sleep(0.3)
+    wait_until(lambda: "the checkpoint of default is gone; still serving" in caplog.text)
     assert ids() == ["birds", "default"] and tag(client).status_code == 200
 
 
@@ -89,7 +83,7 @@ def test_an_in_flight_request_finishes_on_the_model_it_started_on(client_for, tm
     old = served_version(client)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(tag, client)  # sits in the batcher for 3 s
-        time.sleep(0.2)
+        wait_until(lambda: queue_depth(client.get("/metrics").text) == 1, what="a queued photo")
         new = load(write_tiny_checkpoint(path, seed=2)).version
         wait_until(lambda: served_version(client) == new)
         assert not pending.done()

@@ -4,13 +4,12 @@ in-flight request finish (it sits in the batcher), drains, and exits 0."""
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.helpers import photo_bytes, write_tiny_checkpoint
+from tests.helpers import photo_bytes, queue_depth, wait_until, write_tiny_checkpoint
 from tests.stress.server import Server
 
 
@@ -26,7 +25,10 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tmp_path):
                 files={"file": ("a.jpg", photo_bytes())},
                 timeout=30,
             )
-            time.sleep(1.0)  # the request is in, waiting in the batcher
+            wait_until(
+                lambda: queue_depth(httpx.get(f"{server.base}/metrics").text) == 1,
+                what="the request waiting in the batcher",
+            )
             server.terminate()
             response = pending.result(timeout=30)
         assert server.process.wait(timeout=30) == 0
