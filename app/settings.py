@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         "auto",
         description="Reduced precision for inference: auto (CUDA: bf16 where the GPU has it, "
         "else fp16; CPU: float32), off (float32), fp16 (CUDA only) or bf16 (on a CPU: only "
-        "where it has native bf16; about 2x faster, probabilities move by a few hundredths).",
+        "where it has native bf16; faster, but probabilities move: see bench/README.md).",
     )
     backend: Literal["auto", "torch", "openvino"] = Field(
         "auto",
@@ -107,8 +107,8 @@ class Settings(BaseSettings):
         ge=0,
         description="JPEGs decode at 1/2, 1/4 or 1/8 scale while both sides stay at least this "
         "many times the model's resize size (as Pillow's reducing_gap); 0 decodes in full. "
-        "Larger is closer to a full decode, smaller is faster: on phone photos 1 is fastest, "
-        "2 keeps probabilities within about 0.03 of a full decode, 0 is exact and 4x slower.",
+        "Larger is closer to a full decode, smaller is faster (bench/README.md has the "
+        "figures); 0 is exact.",
     )
     default_top_k: int = Field(
         5, ge=1, description="Tags returned per photo when top_k is not given."

@@ -183,16 +183,15 @@ def ceiling(sets: dict[str, Path], checkpoint: Path) -> dict[str, dict]:
 
     import torch
 
-    from app.images import decode
     from app.settings import Settings
-    from app.tagger import Tagger
-    from model.checkpoint import load
+    from model.runtime import RuntimeChoice
+    from model.tagger import Tagger
 
     settings = Settings(_env_file=None)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # phototag's inference thread on 2 cores
-    tagger = Tagger(load(checkpoint), torch.device("cpu"), settings.autocast, settings.backend, 1)
-    draft = tagger.draft_size(settings.jpeg_reducing_gap)
+    # one network thread, as phototag's inference thread on 2 cores
+    choice = RuntimeChoice.resolve("cpu", settings.backend, settings.autocast, threads=1)
+    tagger = Tagger.load(checkpoint, choice)
     batch = torch.zeros(8, 3, tagger.card.preprocess.crop, tagger.card.preprocess.crop,
                         dtype=torch.uint8)  # fmt: skip
     network_s = min(timed(tagger.probabilities, batch) for _ in range(10)) / len(batch)
@@ -200,7 +199,9 @@ def ceiling(sets: dict[str, Path], checkpoint: Path) -> dict[str, dict]:
 
     def prepare(data: bytes) -> float:
         started = time.perf_counter()
-        tagger.preprocess_one(decode(data, max_pixels=settings.max_pixels, draft_size=draft))
+        tagger.pixels(
+            data, max_pixels=settings.max_pixels, reducing_gap=settings.jpeg_reducing_gap
+        )
         return time.perf_counter() - started
 
     result = {}

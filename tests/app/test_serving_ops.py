@@ -297,3 +297,12 @@ def test_warm_up_runs_a_single_photo_and_a_full_batch(client_for, tiny_checkpoin
     )
     client_for(tiny_checkpoint, max_batch_size=6)
     assert sizes == [1, 6]
+
+
+def test_the_api_reports_the_package_version(client):
+    import tomllib
+
+    from tests.helpers import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert client.get("/openapi.json").json()["info"]["version"] == project["version"]
