@@ -544,7 +544,7 @@ class ImageOutsideDocker:
         return [name for name in names if not in_build_context(str(relative / name))]
 
 
-@pytest.mark.slow
+@pytest.mark.image_build
 def test_image_build_and_start_steps_run_outside_docker(tmp_path: Path, stages):
     """A fresh venv built by the Dockerfile's own RUN lines (the torch wheel index swapped for
     PyPI, which serves this machine), the checkpoint built, then the CMD on a free port."""
