@@ -40,7 +40,10 @@ class CheckpointError(Exception):
 
 @dataclass
 class ModelCard:
-    """What a checkpoint says about its network, besides the tensors."""
+    """What a checkpoint says about its network, besides the tensors.
+
+    Its fields are of two kinds: those that change what the network answers for a photo
+    (:data:`OUTPUT_FIELDS`, part of the version) and provenance (:data:`PROVENANCE_FIELDS`)."""
 
     name: str
     arch: str
@@ -119,14 +122,42 @@ class ModelCard:
             ) from None
 
 
+# The card fields that determine a photo's probabilities and tags; with the tensors, they are
+# what the version names. Everything else is provenance: where, when and how the model came to
+# be, and how well it measured. A new card field must join one of the two (a test checks).
+OUTPUT_FIELDS = ("arch", "arch_args", "task", "classes", "preprocess", "temperature", "thresholds")
+PROVENANCE_FIELDS = (
+    "name", "metrics", "data_fingerprint", "training", "description", "created_at",
+    "format_version",
+)  # fmt: skip
+
+
+def output_version(card: ModelCard, tensors: Mapping[str, torch.Tensor]) -> str:
+    """A short digest of what the network computes: the tensors (names, dtypes, shapes, values)
+    and the card's :data:`OUTPUT_FIELDS`. Two files that answer every photo alike have one
+    version, whenever and wherever they were built."""
+    digest = hashlib.sha256()
+    outputs = {name: getattr(card, name) for name in OUTPUT_FIELDS}
+    outputs["preprocess"] = card.preprocess.to_dict()
+    digest.update(json.dumps(outputs, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"\n{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: its card, its tensors, and a version derived from the file's bytes."""
+    """A loaded checkpoint: its card, its tensors, the version of what it computes
+    (:func:`output_version`) and the digest of the file's bytes (a provenance-only rewrite
+    changes the second, not the first)."""
 
     card: ModelCard
     state_dict: dict[str, torch.Tensor]
     version: str
     path: Path
+    file_digest: str = ""
 
     def check_tensors(self) -> None:
         """Raise unless the tensors are exactly those the card's network has, shape for shape."""
@@ -157,11 +188,6 @@ class Checkpoint:
                 f"{len(self.card.classes)} classes: {_first_line(exc)}"
             ) from None
         return net.to(device).eval()
-
-
-def content_version(data: bytes) -> str:
-    """A short, stable version string: new weights or a new card mean a new version."""
-    return hashlib.sha256(data).hexdigest()[:12]
 
 
 def save(
@@ -215,7 +241,8 @@ def load(path: str | Path) -> Checkpoint:
         tensors = load_safetensors_bytes(data)
     except Exception as exc:  # safetensors raises its own error type for every malformation
         raise CheckpointError(f"{path} is corrupt or truncated: {exc}") from None
-    checkpoint = Checkpoint(card, tensors, content_version(data), path)
+    file_digest = hashlib.sha256(data).hexdigest()
+    checkpoint = Checkpoint(card, tensors, output_version(card, tensors), path, file_digest)
     checkpoint.check_tensors()
     return checkpoint
 
