@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import architectures, checkpoint, train
+from model import architectures, checkpoint, evaluate, train
 from model.data import Augment, DataError
 from model.imageio import open_rgb
 from model.preprocess import build_eval_transform
@@ -76,26 +76,41 @@ def test_a_run_writes_a_servable_calibrated_checkpoint_and_its_outputs(finished_
         "last.safetensors",
         "state.pt",
         "history.csv",
-        "metrics.json",
+        "val_evaluation.json",
+        "val_tta_evaluation.json",
     } <= names
-    assert {"report.json", "history.png", "confusion.png", "reliability.png"} <= names
+    assert {"report.json", "history.png", "val_confusion.png", "val_reliability.png"} <= names
     card = checkpoint.load(finished_run / "best.safetensors").card
-    metrics = json.loads((finished_run / "metrics.json").read_text())
+    evaluation = json.loads((finished_run / "val_evaluation.json").read_text())
     assert card.classes == ["blue", "green", "red"] and card.task == "single_label"
     assert (card.preprocess.resize, card.preprocess.crop) == (36, 32)
     assert card.arch_args == TINY_NET | {"input_size": 32}
-    assert card.temperature == metrics["val"]["temperature"] > 0
+    assert card.temperature == evaluation["temperature"] > 0
     assert card.data_fingerprint.startswith("sha256:")
     assert card.training["arch"] == "seed_cnn" and card.training["epochs"] == 3
     assert {"val_accuracy", "val_ece_before", "val_ece_after", "val_accuracy_tta"} <= set(
         card.metrics
     )
-    assert len(metrics["val"]["confusion_matrix"]) == 3
+    assert len(evaluation["confusion_matrix"]) == 3
     report = json.loads((finished_run / "report.json").read_text())
     assert [Path(s["path"]).name for s in report["skipped"]] == ["broken.jpg"]
     rows = list(csv.DictReader((finished_run / "history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(rows[0])
+
+
+def test_the_evaluate_cli_on_the_validation_split_gets_the_numbers_the_run_reported(
+    finished_run, photos, tmp_path
+):
+    cfg = TrainConfig.from_dict(checkpoint.load(finished_run / "best.safetensors").card.training)
+    args = ["--checkpoint", finished_run / "best.safetensors", "--data", photos, "--split", "val"]
+    args += ["--val-fraction", cfg.val_fraction, "--seed", cfg.seed, "--workers", 0]
+    assert evaluate.main([str(a) for a in args + ["--out", tmp_path]]) == 0
+    cli = json.loads((tmp_path / "evaluation.json").read_text())
+    run = json.loads((finished_run / "val_evaluation.json").read_text())
+    assert cli.pop("source")["checkpoint_version"] == run.pop("source")["checkpoint_version"]
+    assert cli["num_samples"] == 6 and {"accuracy", "ece", "nll", "per_class"} <= set(cli)
+    assert cli == run  # every number: accuracy, ECE and NLL before and after T, per class
 
 
 def test_served_probabilities_equal_the_trained_network_with_its_temperature(
@@ -245,7 +260,7 @@ def test_early_stopping_ends_a_run_that_stopped_improving(photos, tmp_path):
     cfg = tiny_config(photos, tmp_path, epochs=6, patience=1, lr=0.0, arch_args=no_batch_norm)
     trainer = train.train(cfg)
     assert trainer.progress.stopped_early and trainer.progress.epoch == 2
-    assert json.loads((tmp_path / "metrics.json").read_text())["training"]["stopped_early"]
+    assert json.loads((tmp_path / "report.json").read_text())["training"]["stopped_early"]
 
 
 def test_one_class_is_a_clear_error_from_the_cli(tmp_path, capsys):
