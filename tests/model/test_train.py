@@ -105,7 +105,7 @@ def test_the_evaluate_cli_on_the_validation_split_gets_the_numbers_the_run_repor
     cfg = TrainConfig.from_dict(checkpoint.load(finished_run / "best.safetensors").card.training)
     args = ["--checkpoint", finished_run / "best.safetensors", "--data", photos, "--split", "val"]
     args += ["--val-fraction", cfg.val_fraction, "--seed", cfg.seed, "--workers", 0]
-    assert evaluate.main([str(a) for a in args + ["--out", tmp_path]]) == 0
+    assert evaluate.main([str(a) for a in [*args, "--out", tmp_path]]) == 0
     cli = json.loads((tmp_path / "evaluation.json").read_text())
     run = json.loads((finished_run / "val_evaluation.json").read_text())
     assert cli.pop("source")["checkpoint_version"] == run.pop("source")["checkpoint_version"]
