@@ -19,6 +19,7 @@ from model import architectures, checkpoint, evaluate, train
 from model.data import Augment, DataError
 from model.imageio import open_rgb
 from model.preprocess import build_eval_transform
+from model.runtime import ConfigError
 from model.train import TrainConfig
 from tests.helpers import REPO, photo_bytes, write_photo_folder
 
@@ -237,6 +238,30 @@ def test_weights_file_initialises_a_torchvision_backbone_and_stays_out_of_the_ca
     net = train.build_network(cfg, 3)
     assert torch.equal(net.features.conv1.weight, source.features.conv1.weight)
     assert "weights" not in train.effective_arch_args(cfg)
+
+
+def test_pretrained_a_registered_name_and_the_original_file_start_from_the_same_tensors():
+    sources = [
+        {"pretrained": True},
+        {"weights": "efficientnet_lite0.imagenet"},
+        {"weights": str(architectures.shipped_lite0_weights_path())},  # original key names
+    ]
+    nets = [train.build_network(TrainConfig(**source), 3) for source in sources]
+    first = nets[0].features.state_dict()
+    for net in nets[1:]:
+        assert all(torch.equal(t, first[k]) for k, t in net.features.state_dict().items())
+
+
+def test_a_config_checks_itself_and_the_cli_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--optimizer: must be one of adamw, sgd"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ConfigError, match="no registered weights for resnet18"):
+        TrainConfig(arch="resnet18", pretrained=True)
+    with pytest.raises(ConfigError, match="--device"):
+        TrainConfig(device="gpu")
+    assert train.main(["--data", str(tmp_path), "--schedule", "linear"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("phototag-train: error: --schedule:") and err.count("\n") == 1
 
 
 def test_multi_label_manifest_gets_thresholds_and_map(tmp_path):
