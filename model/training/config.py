@@ -26,7 +26,7 @@ class TrainConfig:
     pretrained: bool = False  # start from the arch's registered weights (efficientnet_lite0)
     weights: str | None = None  # registered weights name, or a local file (torchvision .pth, ...)
     name: str = ""  # model name in the card; default: the run folder's name
-    task: Literal["single_label", "multi_label"] | None = None  # manifest; default: inferred
+    task: Literal["single_label", "multi_label"] | None = None  # forced task; default: inferred
     epochs: int = 6  # passes over the training split (fine-tuning needs few; early stop may cut)
     batch_size: int = 32  # photos per optimizer step, over all processes together
     optimizer: Literal["adamw", "sgd"] = "adamw"  # adamw | sgd (nesterov)
