@@ -196,7 +196,8 @@ class Trainer:
         return self.ema.module if self.ema else self.net
 
     def predict(self, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (N, C) on the CPU, targets) of the validation photos, from the cache."""
+        """(logits (N, C) on the CPU, targets) of the validation photos, through the eval
+        transform from the cache (when there is one)."""
         batches, net = self.val_batches(), self.eval_net
         return evaluate.predict(net, batches, self.device, tta_flip=tta_flip, amp=self.amp)
 
@@ -210,9 +211,8 @@ class Trainer:
         row["val_acc"] = result["accuracy"]
         if self.cfg.tta_flip:
             tta_logits, _ = self.predict(tta_flip=True)
-            row["val_acc_tta"] = evaluate.evaluate_predictions(tta_logits, targets, classes)[
-                "accuracy"
-            ]
+            tta = evaluate.evaluate_predictions(tta_logits, targets, classes)
+            row["val_acc_tta"] = tta["accuracy"]
         return row
 
     def score(self, row: dict[str, float]) -> float:

@@ -28,7 +28,11 @@ def finalize(trainer: Trainer) -> dict[str, Any]:
     out, spec = trainer.out, trainer.spec
     best = checkpoint.load(out / BEST_FILE)
     net = best.build_model(trainer.device)  # exactly the served tensors
-    names = ["val"] + ["val_tta"] * trainer.cfg.tta_flip + ["test"] * bool(spec.test)
+    names = [
+        "val",
+        *(["val_tta"] if trainer.cfg.tta_flip else []),
+        *(["test"] if spec.test else []),
+    ]
     measured = {name: measure(trainer, best, net, name) for name in names}
     temperature, thresholds = calibrate(*measured["val"][:2], spec.task)
     results = {
@@ -89,7 +93,7 @@ def card_metrics(results: dict[str, dict], best_epoch: int) -> dict[str, Any]:
         if split in results:
             flat = results[split] | results[split].get("calibration", {})
             summary |= {f"{split}_{key}": flat[key] for key in CARD_METRIC_KEYS if key in flat}
-    if "val_tta" in results:
+    if "accuracy" in results.get("val_tta", {}):  # single-label
         summary["val_accuracy_tta"] = results["val_tta"]["accuracy"]
     return summary | {"best_epoch": best_epoch}
 

@@ -265,19 +265,26 @@ def test_a_config_checks_itself_and_the_cli_says_what_is_wrong_in_one_line(tmp_p
 
 
 def test_multi_label_manifest_gets_thresholds_and_map(tmp_path):
-    rows = ["path,tags"]
-    for i in range(18):
+    rows = ["path,tags,split"]
+    for i in range(24):
         tags = ["warm" if i % 2 else "cold"] + (["bright"] if i % 3 == 0 else [])
         color = (220, 40, 40) if i % 2 else (40, 40, 220)
         (tmp_path / f"{i}.png").write_bytes(photo_bytes((36, 36), color, fmt="PNG", seed=i))
-        rows.append(f"{i}.png,{';'.join(tags)}")
+        rows.append(f"{i}.png,{';'.join(tags)},{'test' if i >= 18 else ''}")
     (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    train.train(tiny_config(tmp_path / "tags.csv", out, epochs=2))
+    train.train(tiny_config(tmp_path / "tags.csv", out, epochs=2, tta_flip=True))
     card = checkpoint.load(out / "best.safetensors").card
     assert card.task == "multi_label" and card.classes == ["bright", "cold", "warm"]
     assert len(card.thresholds) == 3 and card.temperature == 1.0
     assert "val_mAP" in card.metrics and "val_macro_f1" in card.metrics
+    assert "test_mAP" in card.metrics and "val_accuracy_tta" not in card.metrics
+    test = json.loads((out / "test_evaluation.json").read_text())
+    assert test["num_samples"] == 6 and test["source"]["split"] == "test"
+    assert [test["per_class"][c]["threshold"] for c in card.classes] == card.thresholds
+    assert {"val_per_class.png", "val_tta_evaluation.json", "test_per_class.png"} <= {
+        p.name for p in out.iterdir()
+    }
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(photos, tmp_path):
