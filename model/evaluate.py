@@ -4,7 +4,9 @@
 
 The photos go through :func:`model.preprocess.build_eval_transform` with the checkpoint's own
 preprocessing and its temperature, so the numbers describe exactly what the server returns.
-The trainer reuses :func:`predict`, :func:`evaluate_predictions` and :func:`save_evaluation`.
+Training measures with the same pieces: :func:`predict` and :func:`evaluate_predictions` every
+epoch, and :func:`photo_logits`, :func:`evaluation_source` and :func:`save_evaluation` for the
+run's final ``val_evaluation.json``/``test_evaluation.json``, the shape this CLI writes.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from model import data, metrics, plots
-from model.checkpoint import CheckpointError, ModelCard, atomic_write_bytes, load
+from model.checkpoint import Checkpoint, CheckpointError, ModelCard, atomic_write_bytes, load
 from model.imageio import open_rgb
-from model.preprocess import build_eval_transform
+from model.preprocess import Preprocess, build_eval_transform
+from model.runtime import ConfigError, resolve_device
 
 SPLITS = ("test", "val", "train", "all")
 
@@ -37,17 +40,18 @@ class EvaluationError(Exception):
 # ---------------------------------------------------------------- reusable pieces
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: training fits its temperature on these with autograd
 def predict(
     model: nn.Module,
     loader: Iterable[tuple[Tensor, Tensor]],
     device: str | torch.device,
     temperature: float = 1.0,
     tta_flip: bool = False,
+    amp: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` over ``loader``: logits / ``temperature`` (N, C) float32 and the targets
     (N,) or (N, C), both on the CPU. ``tta_flip`` averages the logits of each photo and its
-    mirror image."""
+    mirror image; ``amp`` runs the network in float16 on CUDA (training's epoch validation)."""
     device = torch.device(device)
     model.eval()
     all_logits, all_targets = [], []
@@ -55,9 +59,10 @@ def predict(
         images = images.to(device, non_blocking=True)  # (B, 3, H, W)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images).float()
-        if tta_flip:
-            logits = (logits + model(images.flip(-1)).float()) / 2
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(images).float()
+            if tta_flip:
+                logits = (logits + model(images.flip(-1)).float()) / 2
         all_logits.append(logits.cpu())
         all_targets.append(torch.as_tensor(targets).cpu())
     if not all_logits:
@@ -264,12 +269,47 @@ def _decode_error(path: Path) -> str:
     return "cannot decode"
 
 
+def photo_logits(
+    model: nn.Module,
+    samples: Sequence[data.Sample],
+    num_classes: int,
+    task: str,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    tta_flip: bool = False,
+) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
+    """:func:`predict` on photo files through ``build_eval_transform(preprocess)``: the logits
+    and targets of the photos that decode, and the (path, reason) of those that do not."""
+    dataset = TolerantPhotoDataset(samples, num_classes, task, build_eval_transform(preprocess))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    logits, targets = predict(model, loader, device, tta_flip=tta_flip)
+    return drop_undecodable(logits, targets, samples)
+
+
+def evaluation_source(
+    checkpoint: Checkpoint,
+    data_source: str | Path,
+    split: str,
+    tta_flip: bool,
+    skipped: Sequence[tuple[str, str]],
+) -> dict:
+    """The ``source`` block of an evaluation: which checkpoint, on which photos."""
+    return {
+        "checkpoint": str(checkpoint.path),
+        "checkpoint_version": checkpoint.version,
+        "model": checkpoint.card.name,
+        "arch": checkpoint.card.arch,
+        "data": str(data_source),
+        "split": split,
+        "tta_flip": tta_flip,
+        "skipped": [list(item) for item in skipped],
+    }
+
+
 def default_workers() -> int:
     return min(4, (os.cpu_count() or 1) - 1)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------- CLI
@@ -320,30 +360,18 @@ def run(args: argparse.Namespace) -> dict:
     card = checkpoint.card
     spec, split, samples = load_split(args)
     samples = remap_samples(samples, class_mapping(spec.classes, card), card.task)
-    dataset = TolerantPhotoDataset(
-        samples, len(card.classes), card.task, build_eval_transform(card.preprocess)
-    )
     workers = default_workers() if args.workers is None else args.workers
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
-    device = args.device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {device} but CUDA is not available here")
+    device = resolve_device(args.device or "auto")
     model = checkpoint.build_model(device)
-    logits, targets = predict(model, loader, device, tta_flip=args.tta_flip)
-    logits, targets, undecodable = drop_undecodable(logits, targets, samples)
+    logits, targets, undecodable = photo_logits(
+        model, samples, len(card.classes), card.task, card.preprocess, device,
+        args.batch_size, workers, args.tta_flip,
+    )  # fmt: skip
     result = evaluate_predictions(
         logits, targets, card.classes, card.task, card.temperature, card.thresholds
     )
-    source = {
-        "checkpoint": str(args.checkpoint),
-        "checkpoint_version": checkpoint.version,
-        "model": card.name,
-        "arch": card.arch,
-        "data": str(args.data),
-        "split": split,
-        "tta_flip": args.tta_flip,
-        "skipped": [list(item) for item in [*spec.skipped, *undecodable]],
-    }
+    skipped = [*spec.skipped, *undecodable]
+    source = evaluation_source(checkpoint, args.data, split, args.tta_flip, skipped)
     return {"source": source, **result}
 
 
@@ -355,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except (CheckpointError, EvaluationError, data.DataError) as exc:
+    except (CheckpointError, ConfigError, EvaluationError, data.DataError) as exc:
         print(f"phototag-evaluate: error: {exc}", file=sys.stderr)
         return 2
     source = result["source"]

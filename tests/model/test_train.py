@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import architectures, checkpoint, train
+from model import architectures, checkpoint, evaluate, train
 from model.data import Augment, DataError
 from model.imageio import open_rgb
 from model.preprocess import build_eval_transform
+from model.runtime import ConfigError
 from model.train import TrainConfig
 from tests.helpers import REPO, photo_bytes, write_photo_folder
 
@@ -76,26 +77,41 @@ def test_a_run_writes_a_servable_calibrated_checkpoint_and_its_outputs(finished_
         "last.safetensors",
         "state.pt",
         "history.csv",
-        "metrics.json",
+        "val_evaluation.json",
+        "val_tta_evaluation.json",
     } <= names
-    assert {"report.json", "history.png", "confusion.png", "reliability.png"} <= names
+    assert {"report.json", "history.png", "val_confusion.png", "val_reliability.png"} <= names
     card = checkpoint.load(finished_run / "best.safetensors").card
-    metrics = json.loads((finished_run / "metrics.json").read_text())
+    evaluation = json.loads((finished_run / "val_evaluation.json").read_text())
     assert card.classes == ["blue", "green", "red"] and card.task == "single_label"
     assert (card.preprocess.resize, card.preprocess.crop) == (36, 32)
     assert card.arch_args == TINY_NET | {"input_size": 32}
-    assert card.temperature == metrics["val"]["temperature"] > 0
+    assert card.temperature == evaluation["temperature"] > 0
     assert card.data_fingerprint.startswith("sha256:")
     assert card.training["arch"] == "seed_cnn" and card.training["epochs"] == 3
     assert {"val_accuracy", "val_ece_before", "val_ece_after", "val_accuracy_tta"} <= set(
         card.metrics
     )
-    assert len(metrics["val"]["confusion_matrix"]) == 3
+    assert len(evaluation["confusion_matrix"]) == 3
     report = json.loads((finished_run / "report.json").read_text())
     assert [Path(s["path"]).name for s in report["skipped"]] == ["broken.jpg"]
     rows = list(csv.DictReader((finished_run / "history.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(rows[0])
+
+
+def test_the_evaluate_cli_on_the_validation_split_gets_the_numbers_the_run_reported(
+    finished_run, photos, tmp_path
+):
+    cfg = TrainConfig.from_dict(checkpoint.load(finished_run / "best.safetensors").card.training)
+    args = ["--checkpoint", finished_run / "best.safetensors", "--data", photos, "--split", "val"]
+    args += ["--val-fraction", cfg.val_fraction, "--seed", cfg.seed, "--workers", 0]
+    assert evaluate.main([str(a) for a in [*args, "--out", tmp_path]]) == 0
+    cli = json.loads((tmp_path / "evaluation.json").read_text())
+    run = json.loads((finished_run / "val_evaluation.json").read_text())
+    assert cli.pop("source")["checkpoint_version"] == run.pop("source")["checkpoint_version"]
+    assert cli["num_samples"] == 6 and {"accuracy", "ece", "nll", "per_class"} <= set(cli)
+    assert cli == run  # every number: accuracy, ECE and NLL before and after T, per class
 
 
 def test_served_probabilities_equal_the_trained_network_with_its_temperature(
@@ -224,20 +240,51 @@ def test_weights_file_initialises_a_torchvision_backbone_and_stays_out_of_the_ca
     assert "weights" not in train.effective_arch_args(cfg)
 
 
+def test_pretrained_a_registered_name_and_the_original_file_start_from_the_same_tensors():
+    sources = [
+        {"pretrained": True},
+        {"weights": "efficientnet_lite0.imagenet"},
+        {"weights": str(architectures.shipped_lite0_weights_path())},  # original key names
+    ]
+    nets = [train.build_network(TrainConfig(**source), 3) for source in sources]
+    first = nets[0].features.state_dict()
+    for net in nets[1:]:
+        assert all(torch.equal(t, first[k]) for k, t in net.features.state_dict().items())
+
+
+def test_a_config_checks_itself_and_the_cli_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--optimizer: must be one of adamw, sgd"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ConfigError, match="no registered weights for resnet18"):
+        TrainConfig(arch="resnet18", pretrained=True)
+    with pytest.raises(ConfigError, match="--device"):
+        TrainConfig(device="gpu")
+    assert train.main(["--data", str(tmp_path), "--schedule", "linear"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("phototag-train: error: --schedule:") and err.count("\n") == 1
+
+
 def test_multi_label_manifest_gets_thresholds_and_map(tmp_path):
-    rows = ["path,tags"]
-    for i in range(18):
+    rows = ["path,tags,split"]
+    for i in range(24):
         tags = ["warm" if i % 2 else "cold"] + (["bright"] if i % 3 == 0 else [])
         color = (220, 40, 40) if i % 2 else (40, 40, 220)
         (tmp_path / f"{i}.png").write_bytes(photo_bytes((36, 36), color, fmt="PNG", seed=i))
-        rows.append(f"{i}.png,{';'.join(tags)}")
+        rows.append(f"{i}.png,{';'.join(tags)},{'test' if i >= 18 else ''}")
     (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    train.train(tiny_config(tmp_path / "tags.csv", out, epochs=2))
+    train.train(tiny_config(tmp_path / "tags.csv", out, epochs=2, tta_flip=True))
     card = checkpoint.load(out / "best.safetensors").card
     assert card.task == "multi_label" and card.classes == ["bright", "cold", "warm"]
     assert len(card.thresholds) == 3 and card.temperature == 1.0
     assert "val_mAP" in card.metrics and "val_macro_f1" in card.metrics
+    assert "test_mAP" in card.metrics and "val_accuracy_tta" not in card.metrics
+    test = json.loads((out / "test_evaluation.json").read_text())
+    assert test["num_samples"] == 6 and test["source"]["split"] == "test"
+    assert [test["per_class"][c]["threshold"] for c in card.classes] == card.thresholds
+    assert {"val_per_class.png", "val_tta_evaluation.json", "test_per_class.png"} <= {
+        p.name for p in out.iterdir()
+    }
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(photos, tmp_path):
@@ -245,7 +292,7 @@ def test_early_stopping_ends_a_run_that_stopped_improving(photos, tmp_path):
     cfg = tiny_config(photos, tmp_path, epochs=6, patience=1, lr=0.0, arch_args=no_batch_norm)
     trainer = train.train(cfg)
     assert trainer.progress.stopped_early and trainer.progress.epoch == 2
-    assert json.loads((tmp_path / "metrics.json").read_text())["training"]["stopped_early"]
+    assert json.loads((tmp_path / "report.json").read_text())["training"]["stopped_early"]
 
 
 def test_one_class_is_a_clear_error_from_the_cli(tmp_path, capsys):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from tests.stress import overload, reload, sigterm, soak, train_kill
+from tests.stress import overload, reload, sigterm, soak
 from tests.stress.common import tiny_checkpoint
 from tests.stress.server import REPO, Server
 
@@ -33,10 +33,6 @@ def test_reload_under_load_loses_no_request_and_survives_a_corrupt_file():
 
 def test_sigterm_under_load_finishes_in_flight_and_exits_0():
     sigterm.run(concurrency=16, before_s=3)
-
-
-def test_training_killed_at_random_resumes_to_the_same_epochs_with_valid_checkpoints():
-    train_kill.run(kills=3, epochs=15, seed=2)
 
 
 # --------------------------------------------------------------------------------------------
