@@ -151,15 +151,20 @@ class ModelRegistry:
         except Exception as exc:  # CheckpointError, or anything the file's contents provoke
             self.metrics.model_refused(model_id)
             return exc
-        if old is not None and old.version == tagger.version:
+        if old is not None and old.file_digest == tagger.file_digest:
             return None  # touched, not changed
+        # A changed file is swapped in even when its version is the same (only its card's
+        # provenance changed): what is served is always what the file says.
         self._taggers[model_id] = tagger  # the atomic swap: requests keep the tagger they got
-        self.metrics.model_loaded(model_id, tagger.card_name, tagger.version, str(tagger.device))
-        if old is not None:
+        if old is not None:  # first: the old and new labels are equal when the version is
             self.metrics.model_unloaded(model_id, old.card_name, old.version, str(old.device))
-            log.info("reloaded %s: version %s -> %s", model_id, old.version, tagger.version)
-        else:
+        self.metrics.model_loaded(model_id, tagger.card_name, tagger.version, str(tagger.device))
+        if old is None:
             log.info("loaded %s version %s from %s", model_id, tagger.version, path)
+        elif old.version == tagger.version:
+            log.info("reloaded %s: version %s unchanged (a new card)", model_id, old.version)
+        else:
+            log.info("reloaded %s: version %s -> %s", model_id, old.version, tagger.version)
         return None
 
     def _build(self, path: Path) -> Tagger:

@@ -199,9 +199,7 @@ def ceiling(sets: dict[str, Path], checkpoint: Path) -> dict[str, dict]:
 
     def prepare(data: bytes) -> float:
         started = time.perf_counter()
-        tagger.pixels(
-            data, max_pixels=settings.max_pixels, reducing_gap=settings.jpeg_reducing_gap
-        )
+        tagger.pixels(data, max_pixels=settings.max_pixels, reducing_gap=settings.jpeg_reducing_gap)
         return time.perf_counter() - started
 
     result = {}

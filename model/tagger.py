@@ -44,7 +44,8 @@ class Tagger:
 
     def __init__(self, checkpoint: Checkpoint, runtime: Runtime) -> None:
         self.card: ModelCard = checkpoint.card
-        self.version = checkpoint.version
+        self.version = checkpoint.version  # of what it computes (model.checkpoint.output_version)
+        self.file_digest = checkpoint.file_digest
         self.path = checkpoint.path
         self.runtime = runtime
 

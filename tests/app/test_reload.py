@@ -120,3 +120,18 @@ def test_reload_under_traffic_loses_no_request(client_for, tmp_path):
         order = [versions.index(v) for _, v in seen]
         assert order == sorted(order)  # a client never goes back to an older model
     assert {v for seen in results for _, v in seen} == set(versions)
+
+
+def test_a_new_card_with_the_same_outputs_is_swapped_in_and_logged(client_for, tmp_path, caplog):
+    """Only provenance changed (a rewritten description): the version stays, the file is still
+    reloaded, logged, and what is served is what the file now says."""
+    caplog.set_level(logging.INFO, logger="phototag.registry")
+    path = write_tiny_checkpoint(tmp_path / "tiny.safetensors", seed=1, description="first")
+    client = client_for(path, **FAST)
+    version = served_version(client)
+    write_tiny_checkpoint(path, seed=1, description="second")
+    wait_until(lambda: client.get("/v1/model").json()["description"] == "second")
+    assert served_version(client) == version
+    assert f"reloaded tiny: version {version} unchanged (a new card)" in caplog.text
+    metrics = client.get("/metrics").text
+    assert metrics.count(f'version="{version}"') == 1  # the gauge kept its one series

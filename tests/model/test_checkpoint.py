@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from model import checkpoint
-from model.checkpoint import CheckpointError, load, save
+from model.checkpoint import CheckpointError, load, output_version, save
+from model.pretrained import build_default_checkpoint
 from tests.helpers import TINY_ARCH_ARGS, TINY_CLASSES, write_tiny_checkpoint
 
 
@@ -35,13 +36,84 @@ def test_save_then_load_round_trips_card_and_tensors(tiny_checkpoint: Path):
     assert all(torch.equal(expected[k], v) for k, v in net.state_dict().items())
 
 
-def test_version_is_derived_from_the_file_content(tmp_path: Path):
-    a = write_tiny_checkpoint(tmp_path / "a.safetensors", seed=1, created_at="2026-01-01T00:00:00")
-    b = write_tiny_checkpoint(tmp_path / "b.safetensors", seed=1, created_at="2026-01-01T00:00:00")
-    c = write_tiny_checkpoint(tmp_path / "c.safetensors", seed=2, created_at="2026-01-01T00:00:00")
-    assert load(a).version == load(b).version
-    assert load(a).version != load(c).version
-    assert len(load(a).version) == 12
+def test_two_builds_of_the_default_checkpoint_have_one_version(tmp_path: Path):
+    first = build_default_checkpoint(tmp_path / "a.safetensors")
+    card = json.loads(load(first).card.to_json())
+    # a build on another day, by another name, with other notes: the same network
+    second = rewrite_card(
+        build_default_checkpoint(tmp_path / "b.safetensors"),
+        tmp_path / "b2.safetensors",
+        created_at="2030-05-05T05:05:05+00:00",
+    )
+    assert load(first).version == load(second).version
+    assert len(load(first).version) == 12
+    assert load(first).file_digest != load(second).file_digest
+    assert card["created_at"] != json.loads(load(second).card.to_json())["created_at"]
+
+
+@pytest.mark.parametrize(
+    "provenance",
+    [
+        {"created_at": "2001-01-01T00:00:00+00:00"},
+        {"name": "renamed"},
+        {"description": "retold"},
+        {"metrics": {"val_accuracy": 0.5}},
+        {"data_fingerprint": "sha256:other"},
+        {"training": {"epochs": 99}},
+    ],
+)
+def test_rewriting_the_provenance_keeps_the_version(tiny_checkpoint, tmp_path, provenance):
+    rewritten = rewrite_card(tiny_checkpoint, tmp_path / "p.safetensors", **provenance)
+    assert load(rewritten).version == load(tiny_checkpoint).version
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        {"temperature": 1.7},
+        {"task": "multi_label", "thresholds": [0.5, 0.5, 0.5]},
+        {"classes": ["red", "green", "cyan"]},
+        {"preprocess": {"resize": 40, "crop": 32}},
+        {"preprocess": {"resize": 36, "crop": 32, "interpolation": "bicubic"}},
+        {"arch_args": {**TINY_ARCH_ARGS, "dropout": 0.3}},
+    ],
+)
+def test_whatever_changes_the_outputs_changes_the_version(tiny_checkpoint, tmp_path, output):
+    rewritten = rewrite_card(tiny_checkpoint, tmp_path / "o.safetensors", **output)
+    assert load(rewritten).version != load(tiny_checkpoint).version
+
+
+def test_thresholds_and_weights_are_part_of_the_version(tmp_path: Path):
+    multi = write_tiny_checkpoint(
+        tmp_path / "m.safetensors", task="multi_label", thresholds=[0.5, 0.5, 0.5]
+    )
+    other = rewrite_card(multi, tmp_path / "t.safetensors", thresholds=[0.5, 0.4, 0.5])
+    assert load(multi).version != load(other).version
+    loaded = load(multi)
+    weights = dict(loaded.state_dict)
+    name = next(iter(weights))
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1e-3  # one weight, a little
+    changed = save(tmp_path / "w.safetensors", weights, loaded.card)
+    assert load(changed).version != loaded.version
+
+
+def test_every_card_field_is_either_an_output_or_provenance():
+    from dataclasses import fields
+
+    from model.checkpoint import OUTPUT_FIELDS, PROVENANCE_FIELDS, ModelCard
+
+    names = {f.name for f in fields(ModelCard)}
+    assert names == set(OUTPUT_FIELDS) | set(PROVENANCE_FIELDS)
+    assert not set(OUTPUT_FIELDS) & set(PROVENANCE_FIELDS)
+
+
+def test_a_checkpoint_written_before_reports_its_version_under_the_new_rule(tiny_checkpoint):
+    """The version is computed at load from tensors and card, so any file written by an older
+    phototag (whose version was the digest of its bytes) loads and gets the new version."""
+    loaded = load(tiny_checkpoint)
+    assert loaded.version == output_version(loaded.card, loaded.state_dict)
+    assert loaded.version != loaded.file_digest[:12]
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch):
