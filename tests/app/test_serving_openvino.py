@@ -11,8 +11,8 @@ from app import tagger as tagger_module
 from app.tagger import Tagger, resolve_backend
 from model.checkpoint import CheckpointError, load
 from model.inference import OpenVINONetwork, fold_batchnorm, openvino_installed
-from tests.helpers import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
 from tests.app.test_api import direct_probabilities
+from tests.helpers import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
