@@ -8,9 +8,11 @@ set -eu
 builtin="$(dirname "$0")/default.safetensors"
 models="${PHOTOTAG_MODELS_DIR:-}"
 if [ -n "$models" ] && [ ! -e "$models/default.safetensors" ]; then
-    # a hidden temp name, then a rename: the server never sees a half-written file
-    if mkdir -p "$models" && cp "$builtin" "$models/.default.safetensors.tmp" \
-        && mv "$models/.default.safetensors.tmp" "$models/default.safetensors"; then
+    # a hidden temp name of its own, then a rename: the server never sees a half-written file,
+    # and pods seeding one shared volume at once (Kubernetes) never write into each other's copy
+    if mkdir -p "$models" && tmp="$(mktemp "$models/.default.safetensors.XXXXXX")" \
+        && cp "$builtin" "$tmp" && chmod 0644 "$tmp" \
+        && mv "$tmp" "$models/default.safetensors"; then
         echo "phototag: copied the built-in default tagger to $models/default.safetensors" >&2
     else
         echo "phototag: cannot write $models/default.safetensors; serving what is there" >&2
