@@ -16,6 +16,9 @@ from model.runtime import ConfigError, RuntimeChoice
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 ENV_PREFIX = "PHOTOTAG_"
+# (max batch size, max batch wait in ms) by device type, where the settings leave them unset: a
+# GPU gains more from big batches than a CPU, whose forward pass already keeps every core busy.
+DEFAULT_BATCHING = {"cpu": (8, 2.0), "cuda": (32, 5.0)}
 
 # A comma-separated environment variable read as a list ("a, b" -> ["a", "b"]).
 CommaList = Annotated[list[str], NoDecode]
@@ -180,11 +183,9 @@ class Settings(BaseSettings):
         runtime = RuntimeChoice.resolve(
             self.device, self.backend, self.autocast, self.torch_threads, names
         )
-        # a GPU gains more from big batches than a CPU, whose forward pass already keeps every
-        # core busy
-        gpu = runtime.device.type == "cuda"
-        size = self.max_batch_size or (32 if gpu else 8)
-        wait_ms = self.max_batch_wait_ms if self.max_batch_wait_ms is not None else 5 if gpu else 2
+        size, wait_ms = DEFAULT_BATCHING[runtime.device.type]
+        size = self.max_batch_size or size
+        wait_ms = wait_ms if self.max_batch_wait_ms is None else self.max_batch_wait_ms
         return ServingPlan(
             runtime=runtime,
             max_batch_size=size,
