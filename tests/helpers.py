@@ -124,3 +124,16 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout} s")
         time.sleep(0.01)
+
+
+def cli_help(module: str) -> str:
+    """``python -m MODULE --help``'s text, from this checkout (to check that flags exist)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout

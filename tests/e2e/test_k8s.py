@@ -38,6 +38,7 @@ from tests.e2e.test_deploy import (
     merge_override,
     parse_dockerfile,
 )
+from tests.helpers import cli_help
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -516,15 +517,7 @@ def test_keda_component_is_a_kustomize_component():
 
 @pytest.fixture(scope="module")
 def train_help() -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "model.train", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return cli_help("model.train")
 
 
 def job_script(docs: list[dict]) -> tuple[dict, dict, str]:
