@@ -293,6 +293,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--count", type=int, default=40, help="distinct photos per set")
     parser.add_argument("--sets", default="phone,thumb")
+    parser.add_argument(
+        "--servers", default="phototag,reference,reference-async", help="which servers to load"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -317,6 +320,7 @@ def main() -> None:
                str(port := free_port())], {"PYTHONPATH": str(REPO)}, "/health", "/predict", port)
         for name, style in (("reference", "threaded"), ("reference-async", "async"))
     ]  # fmt: skip
+    servers = [s for s in servers if s.name in args.servers.split(",")]
     for server in servers:
         print(f"{server.name}: {' '.join(server.command[1:])}", flush=True)
         run_server(server, sets, args)
