@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, Literal, cast
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response
@@ -25,6 +25,7 @@ from app.schemas import (
     PhotoResult,
     Tag,
     TagResponse,
+    VocabularyTag,
 )
 from app.settings import Settings
 from app.uploads import read_uploads
@@ -162,34 +163,46 @@ async def tag_photos(
         ),
     ] = None,
     all: Annotated[bool, Query(description="Also return every class's probability.")] = False,
+    vocabulary: Annotated[
+        Literal["tags", "classes"],
+        Query(
+            description="`tags` (default): the model's vocabulary, tags people write with their "
+            "path and rolled-up probabilities; `classes`: the network's raw classes."
+        ),
+    ] = "tags",
 ) -> TagResponse:
     uploads = await read_uploads(request, settings)
     results = await probabilities_for(uploads, served.tagger, served.model_id, decoder, batcher)
-    k = top_k or settings.default_top_k
+    choice = TagChoice(top_k or settings.default_top_k, threshold, vocabulary, all)
     photos = [
-        shape_result(upload.filename, result, served.tagger, k, threshold, all)
+        shape_result(upload.filename, result, served.tagger, choice)
         for upload, result in zip(uploads, results, strict=True)
     ]
     return TagResponse(model=served.ref(), results=photos)
 
 
+@dataclass(frozen=True)
+class TagChoice:
+    """What a request asked for of each photo's tags."""
+
+    top_k: int
+    threshold: float | None
+    view: Literal["tags", "classes"]
+    include_all: bool
+
+
 def shape_result(
-    filename: str | None,
-    result: Result,
-    tagger: Tagger,
-    top_k: int,
-    threshold: float | None,
-    include_all: bool,
+    filename: str | None, result: Result, tagger: Tagger, choice: TagChoice
 ) -> PhotoResult:
     """One photo's probabilities (num_classes,) or error -> its result in the response."""
     if isinstance(result, ApiError):
         error = {"code": result.code, "message": result.message}
         return PhotoResult(filename=filename, tags=[], error=error)
     tags = [
-        Tag(label=tag.label, probability=tag.probability)
-        for tag in tagger.tags(result, top_k, threshold)
-    ]
-    if include_all:
+        Tag(label=t.label, probability=t.probability, **({"path": list(t.path)} if t.path else {}))
+        for t in tagger.tags(result, choice.top_k, choice.threshold, choice.view)
+    ]  # a raw class has no path: the field stays out of the response
+    if choice.include_all:
         everything = dict(zip(tagger.classes, result.tolist(), strict=True))
         return PhotoResult(filename=filename, tags=tags, probabilities=everything)
     return PhotoResult(filename=filename, tags=tags)
@@ -241,6 +254,7 @@ async def model_info(served: ServedDep) -> ModelInfo:
         preprocessing=card.preprocess.to_dict(),
         temperature=card.temperature,
         thresholds=card.thresholds,
+        vocabulary=vocabulary_tags(served.tagger),
         metrics=card.metrics,
         description=card.description,
         created_at=card.created_at,
@@ -248,6 +262,21 @@ async def model_info(served: ServedDep) -> ModelInfo:
         backend=served.tagger.backend,
         precision=served.tagger.precision,
     )
+
+
+def vocabulary_tags(tagger: Tagger) -> list[VocabularyTag] | None:
+    vocabulary = tagger.vocabulary
+    if vocabulary is None:
+        return None
+    return [
+        VocabularyTag(
+            label=tag.label,
+            path=list(tag.path),
+            threshold=tag.threshold,
+            classes=[vocabulary.classes[i] for i in members],
+        )
+        for tag, members in zip(vocabulary.tags, vocabulary.gathered, strict=True)
+    ]
 
 
 @ops.get("/healthz", response_model=Health, summary="Liveness: the process answers")

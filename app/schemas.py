@@ -32,8 +32,30 @@ class ErrorResponse(BaseModel):
 
 
 class Tag(BaseModel):
-    label: str = Field(examples=["Egyptian cat"])
-    probability: float = Field(ge=0, le=1, examples=[0.41])
+    label: str = Field(examples=["cat"])
+    probability: float = Field(
+        ge=0,
+        le=1,
+        examples=[0.86],
+        description="For a vocabulary tag, its classes' probabilities rolled up (summed for a "
+        "single-label model, the largest for a multi-label one).",
+    )
+    path: list[str] | None = Field(
+        None,
+        description="The tag's place in the vocabulary, from the top category down, ending "
+        "with the label. Absent with ?vocabulary=classes.",
+        examples=[["animal", "cat"]],
+    )
+
+
+class VocabularyTag(BaseModel):
+    label: str = Field(examples=["cat"])
+    path: list[str] = Field(examples=[["animal", "cat"]])
+    threshold: float = Field(description="The probability from which the tag is returned.")
+    classes: list[str] = Field(
+        description="The network classes it gathers (its own and its descendants').",
+        examples=[["tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"]],
+    )
 
 
 class PhotoResult(BaseModel):
@@ -57,7 +79,9 @@ class ModelRef(BaseModel):
         description="The name in the model card.", examples=["imagenet-efficientnet-lite0"]
     )
     version: str = Field(
-        description="Derived from the checkpoint file's bytes.", examples=["c4c2edac06f5"]
+        description="A digest of what the model computes: its weights and the card fields that "
+        "change probabilities or tags (not its name, description, date or metrics).",
+        examples=["5e8d7dcba80b"],
     )
 
 
@@ -69,14 +93,13 @@ class TagResponse(BaseModel):
                     "model": {
                         "id": "default",
                         "name": "imagenet-efficientnet-lite0",
-                        "version": "6963b4791185",
+                        "version": "5e8d7dcba80b",
                     },
                     "results": [
                         {
                             "filename": "cat.jpg",
                             "tags": [
-                                {"label": "Egyptian cat", "probability": 0.328},
-                                {"label": "tabby", "probability": 0.309},
+                                {"label": "cat", "probability": 0.86, "path": ["animal", "cat"]}
                             ],
                         },
                         {
@@ -126,6 +149,10 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, Any]
     temperature: float
     thresholds: list[float] | None
+    vocabulary: list[VocabularyTag] | None = Field(
+        description="The tags the model returns by default, each with the classes it gathers; "
+        "null when its classes are its tags."
+    )
     metrics: dict[str, Any]
     description: str
     created_at: str

@@ -26,6 +26,7 @@ from torch import nn
 
 from model import architectures
 from model.preprocess import Preprocess
+from model.vocabulary import Vocabulary, VocabularyError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "phototag"
@@ -53,6 +54,9 @@ class ModelCard:
     preprocess: Preprocess = field(default_factory=Preprocess)
     temperature: float = 1.0  # logits are divided by it before softmax (calibration)
     thresholds: list[float] | None = None  # per class, for multi-label tagging
+    vocabulary: dict[str, Any] | None = (
+        None  # the tags people see (model.vocabulary); None: classes
+    )
     metrics: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str | None = None
     training: dict[str, Any] = field(default_factory=dict)  # the TrainConfig that produced it
@@ -86,6 +90,11 @@ class ModelCard:
             raise CheckpointError(
                 f"{len(self.thresholds)} thresholds for {len(self.classes)} classes"
             )
+        if self.vocabulary is not None:
+            try:
+                Vocabulary.from_dict(self.vocabulary, self.classes)
+            except VocabularyError as exc:
+                raise CheckpointError(f"the card's vocabulary is invalid: {exc}") from None
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -125,7 +134,9 @@ class ModelCard:
 # The card fields that determine a photo's probabilities and tags; with the tensors, they are
 # what the version names. Everything else is provenance: where, when and how the model came to
 # be, and how well it measured. A new card field must join one of the two (a test checks).
-OUTPUT_FIELDS = ("arch", "arch_args", "task", "classes", "preprocess", "temperature", "thresholds")
+OUTPUT_FIELDS = (
+    "arch", "arch_args", "task", "classes", "preprocess", "temperature", "thresholds", "vocabulary",
+)  # fmt: skip
 PROVENANCE_FIELDS = (
     "name", "metrics", "data_fingerprint", "training", "description", "created_at",
     "format_version",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -24,6 +25,7 @@ from model.checkpoint import Checkpoint, ModelCard
 from model.checkpoint import load as load_checkpoint
 from model.preprocess import normalize, resize_and_crop
 from model.runtime import Runtime, RuntimeChoice, create_runtime
+from model.vocabulary import Vocabulary
 
 log = logging.getLogger("phototag.tagger")
 
@@ -31,10 +33,14 @@ DEFAULT_MAX_PIXELS = 60_000_000
 DEFAULT_REDUCING_GAP = 2.0
 
 
+View = Literal["tags", "classes"]  # the vocabulary's tags, or the network's raw classes
+
+
 @dataclass(frozen=True)
 class Tag:
     label: str
     probability: float
+    path: tuple[str, ...] | None = None  # from the top category down; None for a raw class
 
 
 class Tagger:
@@ -44,6 +50,10 @@ class Tagger:
 
     def __init__(self, checkpoint: Checkpoint, runtime: Runtime) -> None:
         self.card: ModelCard = checkpoint.card
+        vocabulary = self.card.vocabulary
+        self.vocabulary = (
+            Vocabulary.from_dict(vocabulary, self.card.classes) if vocabulary else None
+        )
         self.version = checkpoint.version  # of what it computes (model.checkpoint.output_version)
         self.file_digest = checkpoint.file_digest
         self.path = checkpoint.path
@@ -111,11 +121,32 @@ class Tagger:
         return torch.softmax(logits, dim=1).cpu()
 
     def tags(
-        self, probabilities: torch.Tensor, top_k: int = 5, threshold: float | None = None
+        self,
+        probabilities: torch.Tensor,
+        top_k: int = 5,
+        threshold: float | None = None,
+        view: View = "tags",
     ) -> list[Tag]:
-        """One photo's (num_classes,) probabilities -> its ``top_k`` most probable tags, most
-        probable first, keeping those at least ``threshold`` probable (default: the card's
-        per-class thresholds where it has them, else every one)."""
+        """One photo's (num_classes,) probabilities -> at most ``top_k`` tags, most probable
+        first. ``view="tags"``: the vocabulary's most specific confident tags, probabilities
+        rolled up, each at least ``threshold`` probable (default: each tag's own threshold);
+        a checkpoint without a vocabulary has its classes as tags. ``view="classes"``: the
+        network's classes, at least ``threshold`` probable (default: the card's per-class
+        thresholds where it has them, else every one)."""
+        if view == "tags" and self.vocabulary is not None:
+            rolled = self.vocabulary.roll_up(probabilities, self.card.task)
+            return [
+                Tag(s.label, s.probability, s.path)
+                for s in self.vocabulary.select(rolled, top_k, threshold)
+            ]
+        tags = self._class_tags(probabilities, top_k, threshold)
+        if view == "tags":  # the classes are the tags
+            return [Tag(t.label, t.probability, (t.label,)) for t in tags]
+        return tags
+
+    def _class_tags(
+        self, probabilities: torch.Tensor, top_k: int, threshold: float | None
+    ) -> list[Tag]:
         if threshold is not None:
             keep = probabilities >= threshold
         elif self.card.thresholds is not None:
@@ -131,9 +162,12 @@ class Tagger:
 
     # ---- all at once
 
-    def tag(self, data: bytes, top_k: int = 5, threshold: float | None = None) -> list[Tag]:
+    def tag(
+        self, data: bytes, top_k: int = 5, threshold: float | None = None, view: View = "tags"
+    ) -> list[Tag]:
         """Photo bytes -> tags, in one call (one photo, one forward pass)."""
-        return self.tags(self.probabilities(self.pixels(data)[None])[0], top_k, threshold)
+        probabilities = self.probabilities(self.pixels(data)[None])[0]
+        return self.tags(probabilities, top_k, threshold, view)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Forward passes on blank batches (one per size: cuDNN picks its kernels per shape), so

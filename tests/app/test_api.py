@@ -231,3 +231,36 @@ def test_everyday_photo_gets_sensible_imagenet_tags(client_for, default_checkpoi
     labels = [t["label"] for t in r.json()["results"][0]["tags"]]
     assert labels[0] == "Egyptian cat"
     assert set(labels) <= {"Egyptian cat", "tabby", "tiger cat", "lynx", "Siamese cat"}
+
+
+def test_tags_come_from_the_vocabulary_with_their_paths_or_as_raw_classes(client_for, tmp_path):
+    from tests.model.test_vocabulary import TREE
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "v.safetensors", vocabulary=TREE)
+    client = client_for(checkpoint)
+    photo = photo_bytes(color=(20, 20, 230))
+    tags = client.post("/v1/tags?threshold=0", files={"file": ("b.jpg", photo)}).json()
+    for tag in tags["results"][0]["tags"]:
+        assert tag["path"][-1] == tag["label"] and tag["path"][0] == "colour"
+        assert tag["label"] in {"warm", "blue"}  # the leaves, at threshold 0
+    raw = client.post("/v1/tags?vocabulary=classes", files={"file": ("b.jpg", photo)}).json()
+    assert {t["label"] for t in raw["results"][0]["tags"]} == set(TINY_CLASSES)
+    assert all("path" not in t for t in raw["results"][0]["tags"])
+    expected = direct_probabilities(checkpoint, photo)
+    rolled = {t["label"]: t["probability"] for t in tags["results"][0]["tags"]}
+    assert rolled["warm"] == pytest.approx(float(expected[0]), abs=1e-6)
+    assert rolled["blue"] == pytest.approx(float(expected[2]), abs=1e-6)
+    bad = client.post("/v1/tags?vocabulary=synsets", files={"file": ("b.jpg", photo)})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_parameter"
+
+
+def test_the_model_lists_its_vocabulary_with_the_classes_each_tag_gathers(client_for, tmp_path):
+    from tests.model.test_vocabulary import TREE
+
+    client = client_for(write_tiny_checkpoint(tmp_path / "v.safetensors", vocabulary=TREE))
+    vocabulary = {t["label"]: t for t in client.get("/v1/model").json()["vocabulary"]}
+    assert vocabulary["cool"] == {
+        "label": "cool", "path": ["colour", "cool"], "threshold": 0.6,
+        "classes": ["green", "blue"],
+    }  # fmt: skip
+    assert vocabulary["colour"]["classes"] == TINY_CLASSES

@@ -1,0 +1,210 @@
+"""Tags people want: a vocabulary maps a network's classes to tags in a shallow tree.
+
+Each tag has a label in everyday words, its path from a top category down (``animal/cat``), a
+threshold, and the classes it gathers: its own and all its descendants'. Probabilities roll up
+the tree: for a single-label (softmax) model a tag's probability is the sum of its classes'
+(a cat split over three breeds is "cat 0.86", not three tags under a threshold); for a
+multi-label (sigmoid) model, whose per-class probabilities are not exclusive, it is the largest
+of its classes' (the probability of the likeliest one, a lower bound of "any of them").
+
+A photo gets its most specific confident tags: every tag at or above its threshold whose
+descendants are all below theirs ("cat", not also "animal"; "bird" when no species is sure).
+The vocabulary travels in the checkpoint's card; a checkpoint without one has its classes as
+tags. Hidden classes are noise for photo tagging: no tag gathers them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from typing import Any
+
+import torch
+
+SEPARATOR = "/"
+
+
+class VocabularyError(ValueError):
+    """A vocabulary that does not fit its classes; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class VocabularyTag:
+    label: str
+    path: tuple[str, ...]  # from the top category down; the last element is the label
+    threshold: float
+    classes: tuple[str, ...]  # the network classes assigned to this tag itself
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A tag with its probability for one photo."""
+
+    label: str
+    probability: float
+    path: tuple[str, ...]
+
+
+class Vocabulary:
+    """A validated tag tree over ``classes`` (the network's, in logit order)."""
+
+    def __init__(
+        self,
+        tags: Sequence[VocabularyTag],
+        classes: Sequence[str],
+        hidden: Sequence[str] = (),
+        name: str = "",
+    ) -> None:
+        self.tags = list(tags)
+        self.classes = list(classes)
+        self.hidden = list(hidden)
+        self.name = name
+        self._check()
+
+    # ---- the card's JSON
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], classes: Sequence[str]) -> Vocabulary:
+        try:
+            tags = [
+                VocabularyTag(
+                    str(t["label"]),
+                    tuple(str(p) for p in t["path"]),
+                    float(t.get("threshold", 0.5)),
+                    tuple(str(c) for c in t.get("classes", ())),
+                )
+                for t in data["tags"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VocabularyError(f"a vocabulary tag is malformed: {exc!r}") from None
+        return cls(tags, classes, data.get("hidden", ()), str(data.get("name", "")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tags": [
+                {
+                    "label": t.label,
+                    "path": list(t.path),
+                    "threshold": t.threshold,
+                    "classes": list(t.classes),
+                }
+                for t in self.tags
+            ],
+            "hidden": list(self.hidden),
+        }
+
+    @classmethod
+    def from_paths(
+        cls, paths: dict[str, str], classes: Sequence[str], threshold: float = 0.5
+    ) -> Vocabulary:
+        """A vocabulary from ``class -> "category/.../tag"`` paths (a manifest's tags): each class
+        is the tag at its path; every prefix is a parent tag."""
+        direct: dict[tuple[str, ...], list[str]] = {}
+        for name, path in paths.items():
+            direct.setdefault(tuple(path.split(SEPARATOR)), []).append(name)
+        nodes = sorted({p[:i] for p in direct for i in range(1, len(p) + 1)})
+        tags = [
+            VocabularyTag(node[-1], node, threshold, tuple(sorted(direct.get(node, []))))
+            for node in nodes
+        ]
+        return cls(tags, classes)
+
+    def _check(self) -> None:
+        labels = [t.label for t in self.tags]
+        if not self.tags:
+            raise VocabularyError("a vocabulary needs at least one tag")
+        if len(set(labels)) != len(labels):
+            twice = sorted({label for label in labels if labels.count(label) > 1})
+            raise VocabularyError(f"tag labels must be unique: {', '.join(twice)}")
+        known = set(self.classes)
+        for tag in self.tags:
+            if not tag.label or not tag.path or tag.path[-1] != tag.label:
+                raise VocabularyError(f"tag {tag.label!r}: its path must end with its label")
+            if len(tag.path) > 1 and tag.path[:-1] not in self._by_path:
+                raise VocabularyError(
+                    f"tag {tag.label!r}: its parent {SEPARATOR.join(tag.path[:-1])} is not a tag"
+                )
+            if not 0 <= tag.threshold <= 1:
+                raise VocabularyError(f"tag {tag.label!r}: threshold {tag.threshold} not in [0, 1]")
+            unknown = [c for c in tag.classes if c not in known]
+            if unknown:
+                raise VocabularyError(f"tag {tag.label!r} gathers unknown classes: {unknown[:5]}")
+        assigned = [c for t in self.tags for c in t.classes]
+        if len(set(assigned)) != len(assigned):
+            raise VocabularyError("a class may be assigned to one tag only")
+        if set(assigned) & set(self.hidden):
+            raise VocabularyError("a hidden class cannot be assigned to a tag")
+
+    # ---- the tree
+
+    @cached_property
+    def _by_path(self) -> dict[tuple[str, ...], int]:
+        return {t.path: i for i, t in enumerate(self.tags)}
+
+    @cached_property
+    def gathered(self) -> list[list[int]]:
+        """Per tag, the indices of the classes it gathers: its own and its descendants'."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        result: list[list[int]] = [[] for _ in self.tags]
+        for tag in self.tags:
+            for depth in range(1, len(tag.path) + 1):
+                result[self._by_path[tag.path[:depth]]] += [index[c] for c in tag.classes]
+        return [sorted(members) for members in result]
+
+    @cached_property
+    def membership(self) -> torch.Tensor:
+        """(num_classes, num_tags) 0/1: class c rolls up into tag t."""
+        matrix = torch.zeros(len(self.classes), len(self.tags))
+        for t, members in enumerate(self.gathered):
+            matrix[members, t] = 1.0
+        return matrix
+
+    @cached_property
+    def _ancestors(self) -> list[list[int]]:
+        return [[self._by_path[tag.path[:d]] for d in range(1, len(tag.path))] for tag in self.tags]
+
+    @cached_property
+    def thresholds(self) -> torch.Tensor:
+        return torch.tensor([t.threshold for t in self.tags])
+
+    # ---- scoring
+
+    def roll_up(self, probabilities: torch.Tensor, task: str) -> torch.Tensor:
+        """(..., num_classes) class probabilities -> (..., num_tags) tag probabilities: sums
+        for a single-label model, maxima for a multi-label one (see the module's docstring)."""
+        if task == "single_label":
+            return (probabilities.double() @ self.membership.double()).clamp_(0, 1).float()
+        masked = probabilities.unsqueeze(-1) * self.membership  # (..., C, T)
+        return masked.amax(dim=-2)
+
+    def select(
+        self, tag_probabilities: torch.Tensor, top_k: int, threshold: float | None = None
+    ) -> list[Scored]:
+        """One photo's (num_tags,) probabilities -> its most specific confident tags, most
+        probable first, at most ``top_k``. ``threshold`` replaces every tag's own."""
+        limits = (
+            self.thresholds if threshold is None else torch.full_like(self.thresholds, threshold)
+        )
+        confident = (tag_probabilities >= limits).tolist()
+        covered = [False] * len(self.tags)
+        for t, sure in enumerate(confident):
+            if sure:
+                for parent in self._ancestors[t]:
+                    covered[parent] = True
+        chosen = [t for t, sure in enumerate(confident) if sure and not covered[t]]
+        chosen.sort(key=lambda t: (-float(tag_probabilities[t]), t))
+        return [
+            Scored(self.tags[t].label, float(tag_probabilities[t]), self.tags[t].path)
+            for t in chosen[:top_k]
+        ]
+
+
+def shipped(name: str = "imagenet") -> dict[str, Any]:
+    """A vocabulary shipped with phototag (``model/vocabularies/NAME.json``), as card JSON."""
+    text = resources.files("model").joinpath("vocabularies", f"{name}.json").read_text()
+    data = json.loads(text)
+    return {key: data[key] for key in ("name", "tags", "hidden")}
