@@ -72,9 +72,11 @@ function showTags(card, result, model) {
     const item = document.createElement("li");
     item.className = "tag";
     const percent = (tag.probability * 100).toFixed(1);
-    item.innerHTML = '<span class="tag-label"></span><span class="bar"><span></span></span><span class="tag-value"></span>';
+    item.innerHTML = '<span class="tag-name"><span class="tag-parents"></span><span class="tag-label"></span></span><span class="bar"><span></span></span><span class="tag-value"></span>';
+    const parents = (tag.path || []).slice(0, -1);
+    item.querySelector(".tag-parents").textContent = parents.map((p) => `${p} › `).join("");
     item.querySelector(".tag-label").textContent = tag.label;
-    item.querySelector(".tag-label").title = tag.label;
+    item.querySelector(".tag-name").title = (tag.path || [tag.label]).join(" › ");
     item.querySelector(".bar span").style.width = `${percent}%`;
     item.querySelector(".tag-value").textContent = `${percent}%`;
     item.dataset.probability = tag.probability;

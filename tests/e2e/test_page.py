@@ -16,6 +16,7 @@ import uvicorn
 from app.main import create_app
 from app.settings import Settings
 from tests.helpers import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
+from tests.model.test_vocabulary import TREE
 
 CHROMIUM = os.environ.get("PHOTOTAG_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -80,6 +81,8 @@ def models(tmp_path: Path) -> Path:
     folder = tmp_path / "models"
     write_tiny_checkpoint(folder / "default.safetensors", seed=1, name="everyday")
     write_tiny_checkpoint(folder / "pets.safetensors", seed=2, name="pets-v1")
+    everything = {**TREE, "tags": [{**tag, "threshold": 0.0} for tag in TREE["tags"]]}
+    write_tiny_checkpoint(folder / "colours.safetensors", seed=3, vocabulary=everything)
     return folder
 
 
@@ -122,6 +125,23 @@ def test_upload_a_photo_and_see_its_tags(browser, models, tmp_path):
             assert all(w.endswith("%") and float(w[:-1]) > 0 for w in widths)
         assert page.inner_text("#status") == "Done: 2 photos."
         page.screenshot(path=str(screenshot_path(tmp_path, "page.png")), full_page=True)
+
+
+def test_a_vocabulary_tag_shows_its_parents(browser, models, tmp_path):
+    with Server(Settings(models_dir=models, device="cpu")) as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model option[value='colours']", state="attached")
+        page.select_option("#model", "colours")
+        page.set_input_files("#files", [str(photos(tmp_path)[0])])
+        page.wait_for_function("document.querySelectorAll('.result .tag').length === 2")
+        names = {
+            e.query_selector(".tag-label").inner_text(): e.inner_text()
+            for e in page.query_selector_all(".result .tag-name")
+        }  # the leaves at threshold 0: warm and blue, each after its parents
+        separator = "\u203a"  # the page's "›" between a tag and its parent
+        expected = {"warm": ["colour", "warm"], "blue": ["colour", "cool", "blue"]}
+        assert names == {k: f" {separator} ".join(v) for k, v in expected.items()}
 
 
 def test_dropping_a_photo_tags_it(browser, models):
