@@ -139,7 +139,7 @@ def test_a_vocabulary_tag_shows_its_parents(browser, models, tmp_path):
             e.query_selector(".tag-label").inner_text(): e.inner_text()
             for e in page.query_selector_all(".result .tag-name")
         }  # the leaves at threshold 0: warm and blue, each after its parents
-        separator = "\u203a"  # the page's "›" between a tag and its parent
+        separator = "\u203a"  # the page puts this angle quote between a tag and its parent
         expected = {"warm": ["colour", "warm"], "blue": ["colour", "cool", "blue"]}
         assert names == {k: f" {separator} ".join(v) for k, v in expected.items()}
 
