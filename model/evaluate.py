@@ -29,6 +29,7 @@ from model.checkpoint import Checkpoint, CheckpointError, ModelCard, atomic_writ
 from model.imageio import open_rgb
 from model.preprocess import Preprocess, build_eval_transform
 from model.runtime import ConfigError, resolve_device
+from model.vocabulary import Vocabulary, tag_report
 
 SPLITS = ("test", "val", "train", "all")
 
@@ -77,10 +78,13 @@ def evaluate_predictions(
     task: str = "single_label",
     temperature: float = 1.0,
     thresholds: list[float] | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> dict:
     """Metrics of raw ``logits`` (N, C) against ``targets``: single-label (N,) class indices or
     multi-label (N, C) 0/1. Probabilities use ``temperature`` as the server does; for a
-    single-label task the result also holds the calibration before (T = 1) and after it."""
+    single-label task the result also holds the calibration before (T = 1) and after it. With
+    a ``vocabulary``, ``tags`` says how the tags the server would return fare
+    (:func:`model.vocabulary.tag_report`)."""
     if task == "multi_label":
         probs = torch.sigmoid(logits.float() / temperature)
         result = metrics.multilabel_metrics(probs, targets, classes, thresholds)
@@ -89,7 +93,16 @@ def evaluate_predictions(
         probs = torch.softmax(logits.float() / temperature, dim=1)
         result = metrics.classification_metrics(probs, targets, classes)
         result["calibration"] = calibration_report(logits, targets, temperature)
+    if vocabulary is not None:
+        result["tags"] = tag_report(vocabulary, probs, true_classes(targets, task), task)
     return {"task": task, "temperature": temperature, **result}
+
+
+def true_classes(targets: Tensor, task: str) -> list[set[int]]:
+    """Per photo, the indices of its true classes."""
+    if task == "multi_label":
+        return [set(row.nonzero()[:, 0].tolist()) for row in targets]
+    return [{int(target)} for target in targets]
 
 
 def calibration_report(logits: Tensor, labels: Tensor, temperature: float) -> dict:
@@ -165,7 +178,17 @@ def summary(result: dict) -> list[str]:
             ece,
         ]
     lines.append("weakest classes: " + _weakest(result["per_class"]))
+    if "tags" in result:
+        tags = result["tags"]
+        lines.append(
+            f"tags: precision {_share(tags['precision'])}, {_share(tags['coverage'])} of photos "
+            f"tagged, {tags['tags_per_photo']:.2f} tags per photo"
+        )
     return lines
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _weakest(per_class: dict[str, dict], count: int = 3) -> str:
@@ -367,8 +390,9 @@ def run(args: argparse.Namespace) -> dict:
         model, samples, len(card.classes), card.task, card.preprocess, device,
         args.batch_size, workers, args.tta_flip,
     )  # fmt: skip
+    vocabulary = Vocabulary.from_dict(card.vocabulary, card.classes) if card.vocabulary else None
     result = evaluate_predictions(
-        logits, targets, card.classes, card.task, card.temperature, card.thresholds
+        logits, targets, card.classes, card.task, card.temperature, card.thresholds, vocabulary
     )
     skipped = [*spec.skipped, *undecodable]
     source = evaluation_source(checkpoint, args.data, split, args.tta_flip, skipped)

@@ -208,3 +208,107 @@ def shipped(name: str = "imagenet") -> dict[str, Any]:
     text = resources.files("model").joinpath("vocabularies", f"{name}.json").read_text()
     data = json.loads(text)
     return {key: data[key] for key in ("name", "tags", "hidden")}
+
+
+def tag_report(
+    vocabulary: Vocabulary,
+    probabilities: torch.Tensor,
+    truths: Sequence[set[int]],
+    task: str,
+    top_k: int = 5,
+) -> dict[str, Any]:
+    """How the tags a photo gets fare against its true classes. ``probabilities`` (N, C); per
+    photo, ``truths`` holds the indices of its true classes. A returned tag is right when one of
+    the classes it gathers is true (so "animal" is right for a cat, "dog" is not).
+
+    precision: right tags / returned tags; coverage: photos with at least one tag; right_first:
+    photos whose first tag is right, of those with a tag; per tag: returned and right counts."""
+    rolled = vocabulary.roll_up(probabilities, task)  # (N, T)
+    gathered = [set(members) for members in vocabulary.gathered]
+    index = {tag.label: t for t, tag in enumerate(vocabulary.tags)}
+    returned = right = tagged = first_right = 0
+    per_tag: dict[str, list[int]] = {}
+    for photo, truth in zip(rolled, truths, strict=True):
+        chosen = vocabulary.select(photo, top_k)
+        verdicts = [bool(gathered[index[s.label]] & truth) for s in chosen]
+        for scored, verdict in zip(chosen, verdicts, strict=True):
+            counts = per_tag.setdefault(scored.label, [0, 0])
+            counts[0] += 1
+            counts[1] += verdict
+        returned += len(chosen)
+        right += sum(verdicts)
+        tagged += bool(chosen)
+        first_right += bool(verdicts and verdicts[0])
+    photos = len(truths)
+    return {
+        "photos": photos,
+        "precision": right / returned if returned else None,
+        "coverage": tagged / photos if photos else None,
+        "tags_per_photo": returned / photos if photos else None,
+        "right_first": first_right / tagged if tagged else None,
+        "per_tag": {
+            label: {"returned": n, "right": r} for label, (n, r) in sorted(per_tag.items())
+        },
+    }
+
+
+def fit_threshold(
+    probabilities: torch.Tensor, right: torch.Tensor, precision: float, minimum: int
+) -> float | None:
+    """The lowest threshold at which a tag returned whenever its probability reaches it is
+    right at least ``precision`` of the time, over at least ``minimum`` returned examples;
+    None when the examples cannot show it. ``probabilities`` (N,), ``right`` (N,) bool."""
+    order = probabilities.argsort(descending=True)
+    hits = right[order].double().cumsum(0)
+    counts = torch.arange(1, len(order) + 1, dtype=torch.float64)
+    good = (hits / counts >= precision) & (counts >= minimum)
+    # the lowest threshold whose whole returned set (everything at or above it) is precise
+    # enough: the deepest prefix of the sorted probabilities that still meets the target
+    if not bool(good.any()):
+        return None
+    deepest = int(good.nonzero().max())
+    return float(probabilities[order[deepest]])
+
+
+def fit_thresholds(
+    vocabulary: Vocabulary,
+    probabilities: torch.Tensor,
+    truths: Sequence[set[int]],
+    task: str,
+    precision: float = 0.95,
+    minimum: int = 10,
+) -> dict[str, Any]:
+    """Thresholds from labelled photos, to a precision target (see :func:`fit_threshold`).
+
+    A tag with at least ``minimum`` right examples gets its own; every other tag the one fitted
+    on all tags of its depth together (categories, then the tags below them), so a tag the
+    photos never show still answers to the same standard. Returns ``{"tags": {label: t},
+    "depth": {depth: t}}``, to write into a vocabulary with :func:`apply_thresholds`."""
+    rolled = vocabulary.roll_up(probabilities, task)  # (N, T)
+    right = torch.tensor(
+        [[bool(set(members) & truth) for members in vocabulary.gathered] for truth in truths]
+    )  # (N, T)
+    own: dict[str, float] = {}
+    for t, tag in enumerate(vocabulary.tags):
+        if int(right[:, t].sum()) >= minimum:
+            fitted = fit_threshold(rolled[:, t], right[:, t], precision, minimum)
+            if fitted is not None:
+                own[tag.label] = round(fitted, 4)
+    depth: dict[str, float] = {}
+    depths = torch.tensor([min(len(tag.path), 2) for tag in vocabulary.tags])
+    for level in (1, 2):
+        columns = depths == level
+        fitted = fit_threshold(
+            rolled[:, columns].reshape(-1), right[:, columns].reshape(-1), precision, minimum
+        )
+        if fitted is not None:
+            depth[str(level)] = round(fitted, 4)
+    return {"tags": own, "depth": depth}
+
+
+def apply_thresholds(data: dict[str, Any], fitted: dict[str, Any], default: float) -> None:
+    """Write ``fitted`` thresholds (from :func:`fit_thresholds`) into vocabulary JSON ``data``:
+    a tag's own, else its depth's, else ``default``."""
+    for tag in data["tags"]:
+        level = str(min(len(tag["path"]), 2))
+        tag["threshold"] = fitted["tags"].get(tag["label"], fitted["depth"].get(level, default))

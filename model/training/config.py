@@ -46,6 +46,7 @@ class TrainConfig:
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"  # resize filter
     augment: Augment = field(default_factory=Augment)  # training augmentation
     tta_flip: bool = False  # also measure validation with horizontal-flip test-time averaging
+    tag_precision: float = 0.95  # tags with paths (a/b/c): thresholds fitted to this precision
     val_fraction: float = 0.2  # of each class held out for validation when there is no val split
     patience: int = 5  # early stopping: epochs without a better validation score; 0 = never
     seed: int = 0  # seeds the split, the initialisation, the sampling and the augmentation
@@ -84,6 +85,8 @@ class TrainConfig:
         for name in ("label_smoothing", "ema_decay", "val_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 _fail(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.tag_precision <= 1:
+            _fail("tag_precision", f"must be in (0, 1], got {self.tag_precision}")
 
     def _check_weights(self) -> None:
         """One source of starting weights: ``--pretrained`` or ``--weights`` (an arch-arg

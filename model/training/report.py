@@ -14,6 +14,7 @@ from torch import nn
 from model import checkpoint, data, evaluate, metrics, plots
 from model.checkpoint import atomic_write_bytes, save
 from model.training.loop import BEST_FILE, Trainer
+from model.vocabulary import SEPARATOR, Vocabulary, apply_thresholds, fit_thresholds
 
 CARD_METRIC_KEYS = (
     "num_samples", "accuracy", "top5", "macro_f1", "micro_f1", "mAP", "nll",
@@ -35,9 +36,12 @@ def finalize(trainer: Trainer) -> dict[str, Any]:
     ]
     measured = {name: measure(trainer, best, net, name) for name in names}
     temperature, thresholds = calibrate(*measured["val"][:2], spec.task)
+    tags = tag_vocabulary(
+        spec.classes, *measured["val"][:2], spec.task, temperature, trainer.cfg.tag_precision
+    )
     results = {
         name: evaluate.evaluate_predictions(
-            logits, targets, spec.classes, spec.task, temperature, thresholds
+            logits, targets, spec.classes, spec.task, temperature, thresholds, tags
         )
         for name, (logits, targets, _) in measured.items()
     }
@@ -45,6 +49,7 @@ def finalize(trainer: Trainer) -> dict[str, Any]:
     card = trainer.card(
         temperature=temperature,
         thresholds=thresholds,
+        vocabulary=tags.to_dict() if tags else None,
         metrics=card_metrics(results, facts["best_epoch"]),
     )
     final = checkpoint.load(save(out / BEST_FILE, best.state_dict, card))
@@ -83,6 +88,29 @@ def calibrate(
     if task == "single_label":
         return metrics.fit_temperature(logits, targets), None
     return 1.0, metrics.tune_thresholds(torch.sigmoid(logits), targets)
+
+
+def tag_vocabulary(
+    classes: list[str],
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    task: str,
+    temperature: float,
+    precision: float,
+) -> Vocabulary | None:
+    """When the photos' tags are paths (``animal/insect/bee``), the vocabulary they make, its
+    thresholds fitted on validation to ``precision`` (tags without enough examples: 0.5);
+    else None, and the classes are the tags."""
+    if not any(SEPARATOR in name for name in classes):
+        return None
+    tree = Vocabulary.from_paths({name: name for name in classes}, classes)
+    scaled = logits.float() / temperature
+    probabilities = torch.sigmoid(scaled) if task == "multi_label" else scaled.softmax(1)
+    truths = evaluate.true_classes(targets, task)
+    fitted = fit_thresholds(tree, probabilities, truths, task, precision)
+    data = tree.to_dict()
+    apply_thresholds(data, fitted, default=0.5)
+    return Vocabulary.from_dict(data, classes)
 
 
 def card_metrics(results: dict[str, dict], best_epoch: int) -> dict[str, Any]:
@@ -142,5 +170,8 @@ def summary_line(results: dict[str, Any], out: Path) -> str:
             f", ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} "
             f"at T={calibration['temperature']:.3f}"
         )
+    if "tags" in val:
+        score += f"; tags: precision {val['tags']['precision'] or 0:.3f}, "
+        score += f"{val['tags']['coverage'] or 0:.0%} of photos tagged"
     seconds = results["training"]["train_seconds"]
     return f"done: {score}; {seconds:.0f}s training; best checkpoint {out / BEST_FILE}"
