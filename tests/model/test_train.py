@@ -21,7 +21,7 @@ from model.imageio import open_rgb
 from model.preprocess import build_eval_transform
 from model.runtime import ConfigError
 from model.train import TrainConfig
-from tests.helpers import REPO, photo_bytes, write_photo_folder
+from tests.helpers import COLORS, REPO, photo_bytes, write_photo_folder
 
 TINY_NET = {"widths": [4, 8], "hidden": [16], "dropout": 0.1, "batch_norm": True}
 
@@ -285,6 +285,31 @@ def test_multi_label_manifest_gets_thresholds_and_map(tmp_path):
     assert {"val_per_class.png", "val_tta_evaluation.json", "test_per_class.png"} <= {
         p.name for p in out.iterdir()
     }
+
+
+def test_tags_that_are_paths_give_the_checkpoint_a_vocabulary(tmp_path, client_for):
+    rows = ["path,tags"]
+    paths = {"red": "colour/warm/red", "green": "colour/cool/green", "blue": "colour/cool/blue"}
+    for i in range(30):
+        name, color = list(COLORS.items())[i % 3]
+        (tmp_path / f"{i}.png").write_bytes(photo_bytes((36, 36), color, fmt="PNG", seed=i))
+        rows.append(f"{i}.png,{paths[name]}")
+    (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    train.train(tiny_config(tmp_path / "tags.csv", out, epochs=3, tag_precision=0.9))
+    card = checkpoint.load(out / "best.safetensors").card
+    assert card.task == "single_label" and sorted(card.classes) == sorted(paths.values())
+    tags = {t["label"]: t for t in card.vocabulary["tags"]}
+    assert tags["cool"]["path"] == ["colour", "cool"] and tags["blue"]["classes"] == [
+        "colour/cool/blue"
+    ]
+    assert all(0 <= t["threshold"] <= 1 for t in tags.values())
+    evaluation = json.loads((out / "val_evaluation.json").read_text())
+    assert {"precision", "coverage", "tags_per_photo"} <= set(evaluation["tags"])
+    client = client_for(out / "best.safetensors")
+    photo = photo_bytes((36, 36), COLORS["blue"], fmt="PNG")
+    served = client.post("/v1/tags?threshold=0", files={"file": ("b.png", photo)}).json()
+    assert all(t["path"][0] == "colour" for t in served["results"][0]["tags"])
 
 
 def test_early_stopping_ends_a_run_that_stopped_improving(photos, tmp_path):

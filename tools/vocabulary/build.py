@@ -18,7 +18,8 @@ Inputs (none is needed at run time; the result is a plain JSON file in the packa
   has one. ``classes`` maps a class (torchvision's name) straight to a path, over the synsets.
   ``hidden`` lists classes that are noise for photo tagging. Every class must end up tagged or
   hidden: the build fails and lists the others.
-* Optionally, per-tag thresholds fitted on labelled photos (``bench/vocabulary_bench.py --fit``).
+* The thresholds fitted on labelled photos (``thresholds.json``, written by
+  ``bench/vocabulary_bench.py --fit``); without it every tag has ``default_threshold``.
 
 A path is ``category/tag[/tag]``: each segment is a tag a person would write, its first the top
 category. Labels are unique in the vocabulary.
@@ -103,7 +104,8 @@ def resolve_rules(
         lemma, _, offset = key.partition("#")
         candidates = {offset} if offset else seen.get(lemma, set())
         if len(candidates) != 1 or not all(c in synsets for c in candidates):
-            problems.append(f"{key}: {'ambiguous ' + str(sorted(candidates)) if candidates else 'no such synset above any class'}")
+            why = f"ambiguous {sorted(candidates)}" if candidates else "no synset above any class"
+            problems.append(f"{key}: {why}")
             continue
         resolved[candidates.pop()] = path
     if problems:
@@ -137,9 +139,7 @@ def class_paths(
     return paths, hidden
 
 
-def build_tags(
-    paths: dict[str, str], categories: list[str], thresholds: dict[str, float], default: float
-) -> list[dict]:
+def build_tags(paths: dict[str, str], categories: list[str], default: float) -> list[dict]:
     """One entry per tag (every path prefix), parents before children, categories in the
     curation's order; each with the classes assigned to it directly."""
     direct: dict[tuple[str, ...], list[str]] = defaultdict(list)
@@ -160,7 +160,7 @@ def build_tags(
         {
             "label": node[-1],
             "path": list(node),
-            "threshold": thresholds.get(node[-1], default),
+            "threshold": default,
             "classes": sorted(direct.get(node, [])),
         }
         for node in order
@@ -184,21 +184,26 @@ def main(argv: list[str] | None = None) -> int:
     curation = yaml.safe_load(args.curation.read_text())
     synsets = read_wordnet(args.wordnet)
     paths, hidden = class_paths(classes, wnids, curation, synsets)
-    fitted = json.loads(args.thresholds.read_text()) if args.thresholds.is_file() else {}
-    default = fitted.get("default", curation.get("default_threshold", 0.5))
-    tags = build_tags(paths, curation["categories"], fitted.get("tags", {}), default)
+    default = curation.get("default_threshold", 0.5)
     vocabulary = {
         "name": "imagenet-everyday",
         "notice": NOTICE,
-        "thresholds": fitted.get("source", "the curation's default_threshold"),
-        "tags": tags,
+        "thresholds": "the curation's default_threshold",
+        "tags": build_tags(paths, curation["categories"], default),
         "hidden": sorted(hidden),
     }
     sys.path.insert(0, str(REPO))
     from model.checkpoint import atomic_write_bytes
+    from model.vocabulary import apply_thresholds
+
+    if args.thresholds.is_file():
+        fitted = json.loads(args.thresholds.read_text())
+        apply_thresholds(vocabulary, fitted, default)
+        vocabulary["thresholds"] = fitted["source"]
 
     atomic_write_bytes(args.out, (json.dumps(vocabulary, indent=1) + "\n").encode())
-    print(f"wrote {args.out}: {len(tags)} tags over {len(paths)} classes, {len(hidden)} hidden")
+    tags = len(vocabulary["tags"])
+    print(f"wrote {args.out}: {tags} tags over {len(paths)} classes, {len(hidden)} hidden")
     return 0
 
 
