@@ -30,14 +30,15 @@ KEY = "contract-key-0123456789"
 RUN_SECONDS = 240  # the whole schemathesis run; it takes ~10 s here
 
 
-def schemathesis(base: str, *headers: str) -> subprocess.CompletedProcess[str]:
+def schemathesis(base: str, cwd: Path, *headers: str) -> subprocess.CompletedProcess[str]:
+    """The CLI, run in ``cwd``: it keeps a cache (.schemathesis/) in its working folder."""
     command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run"]
     command += [f"{base}/openapi.json", "--checks", "all", "--max-examples", str(EXAMPLES)]
     command += ["--seed", SEED, "--workers", "1", "--no-color", "--max-response-time", "10"]
     command += ["--request-timeout", "30", "--generation-database", "none"]
     for header in headers:
         command += ["--header", header]
-    return subprocess.run(command, capture_output=True, text=True, timeout=RUN_SECONDS)
+    return subprocess.run(command, capture_output=True, text=True, timeout=RUN_SECONDS, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -59,7 +60,7 @@ def test_schemathesis_finds_nothing_against_the_served_contract(tmp_path, env, h
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
     # A small PHOTOTAG_MAX_FILES, so that the generated uploads reach past it (400) quickly.
     with Server(checkpoint, PHOTOTAG_MAX_FILES="3", PHOTOTAG_RELOAD_INTERVAL_S="0", **env) as s:
-        run = schemathesis(s.base, *headers)
+        run = schemathesis(s.base, tmp_path, *headers)
         log = s.log
         assert s.ready()
     report = run.stdout + run.stderr
