@@ -1,7 +1,9 @@
 """``python -m app`` / ``phototag-serve``: check the models, then serve with uvicorn.
 
-On SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets in-flight requests finish (at
-most ``PHOTOTAG_SHUTDOWN_TIMEOUT_S``), then the lifespan drains the batcher; the exit status is 0.
+The connections are bounded (app.connections): header size and time, keep-alive, a cap on their
+number. On SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets in-flight requests finish
+(at most ``PHOTOTAG_SHUTDOWN_TIMEOUT_S``), then the lifespan drains the batcher; the exit status
+is 0.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from types import FrameType
 
 import uvicorn
 
+from app.connections import Bounds, bounded_protocol, ensure_open_files
 from app.logs import configure_logging
 from app.main import create_app
 from app.settings import get_settings
@@ -34,6 +37,7 @@ def main() -> int:
     # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly; answering that with
     # a plain exit makes a graceful stop exit 0 (orchestrators read 143 as a crash).
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    ensure_open_files(settings.max_connections)
     uvicorn.run(
         app,
         host=settings.host,
@@ -42,6 +46,9 @@ def main() -> int:
         log_config=None,  # keep configure_logging's structured lines for uvicorn's loggers too
         access_log=False,  # app.access writes one line per request, with its id
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        # httptools with the header size and time bounds and the connection cap (app.connections)
+        http=bounded_protocol(Bounds.from_settings(settings)),
+        timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
     )
     return 0
 

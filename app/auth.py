@@ -2,29 +2,30 @@
 
 Every configured key is compared, in constant time, against the one given, so neither the answer
 nor its timing tells which keys exist or how much of one was right. Both failures are the same 401.
+Whether a path needs a key is decided here, from the settings, and nowhere else: the served
+contract (app.contract) declares the security schemes on exactly the paths that do.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
+from typing import Any
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request
 
 from app.errors import Unauthorized
 from app.settings import Settings
 
 _HOW = "send it as `Authorization: Bearer KEY` or `X-API-Key: KEY`"
-_bearer = HTTPBearer(
-    auto_error=False, description="An API key, when the server sets PHOTOTAG_API_KEYS."
-)
-_api_key = APIKeyHeader(
-    name="X-API-Key",
-    auto_error=False,
-    description="An API key, when the server sets PHOTOTAG_API_KEYS.",
-)
+_WHAT = "An API key from the server's PHOTOTAG_API_KEYS."
+
+# The two ways to send a key, as OpenAPI security schemes (by name): declared on a path only when
+# the server needs a key there (app.contract).
+SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
+    "HTTPBearer": {"type": "http", "scheme": "bearer", "description": _WHAT},
+    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": _WHAT},
+}
 
 
 def key_matches(given: str, keys: list[str]) -> bool:
@@ -36,38 +37,38 @@ def key_matches(given: str, keys: list[str]) -> bool:
     return matched
 
 
-def check_api_key(settings: Settings, path: str, given: str | None) -> None:
-    if not settings.api_keys or path in settings.open_paths:
+def needs_key(settings: Settings, path: str) -> bool:
+    return bool(settings.api_keys) and path not in settings.open_paths
+
+
+def check_api_key(settings: Settings, path: str, given: list[str]) -> None:
+    """Passes when ``path`` needs no key, or when any key ``given`` is accepted: the contract
+    declares the two ways to send one as alternatives, so a right key in one is enough."""
+    if not needs_key(settings, path):
         return
     if not given:
         raise Unauthorized(f"this server needs an API key: {_HOW}")
-    if not key_matches(given, settings.api_keys):
+    accepted = False
+    for key in given:  # every one compared, in constant time
+        accepted |= key_matches(key, settings.api_keys)
+    if not accepted:
         raise Unauthorized(f"the API key was not accepted; {_HOW}")
 
 
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-async def require_api_key(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    header_key: Annotated[str | None, Security(_api_key)],
-) -> None:
-    """The API routes' guard (declared in OpenAPI as the two security schemes). ``async`` only
-    so that FastAPI calls it on the event loop, not on a worker thread: it never waits."""
-    given = header_key or (bearer.credentials if bearer else None)
-    check_api_key(_settings(request), request.scope["path"], given)
-
-
-async def require_api_key_unless_open(request: Request) -> None:
-    """The operations routes' guard: open by default (PHOTOTAG_OPEN_PATHS), so not advertised."""
-    given = request.headers.get("x-api-key")
+def given_keys(request: Request) -> list[str]:
+    """The keys of ``X-API-Key`` and ``Authorization: Bearer``, those present."""
+    keys = [request.headers.get("x-api-key", "")]
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    if not given and scheme.lower() == "bearer":
-        given = credentials.strip()
-    check_api_key(_settings(request), request.scope["path"], given)
+    if scheme.lower() == "bearer":
+        keys.append(credentials.strip())
+    return [key for key in keys if key]
+
+
+async def require_api_key(request: Request) -> None:
+    """The guard of every API and operations route. ``async`` only so that FastAPI calls it on
+    the event loop, not on a worker thread: it never waits."""
+    settings: Settings = request.app.state.settings
+    check_api_key(settings, request.scope["path"], given_keys(request))
 
 
 ApiKey = Depends(require_api_key)
-OpsApiKey = Depends(require_api_key_unless_open)

@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.access import RequestContextMiddleware
 from app.batcher import Batcher
+from app.contract import install_contract
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import Metrics
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops)
     app.include_router(page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    install_contract(app, settings)
     return app
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, cast
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response
 
-from app.auth import ApiKey, OpsApiKey
+from app.auth import ApiKey
 from app.batcher import Batcher, Result
 from app.errors import ApiError, ModelNotReady
 from app.metrics import Metrics
@@ -33,8 +33,10 @@ from model.tagger import Tagger
 
 STATIC = Path(__file__).parent / "static"
 
-api = APIRouter(dependencies=[ApiKey], responses={401: {"model": ErrorResponse}})
-ops = APIRouter(dependencies=[OpsApiKey])
+# Both guarded by the same rule (app.auth): a key where PHOTOTAG_API_KEYS is set, except on
+# PHOTOTAG_OPEN_PATHS. The served contract declares the 401 and the security schemes per path.
+api = APIRouter(dependencies=[ApiKey])
+ops = APIRouter(dependencies=[ApiKey])
 page = APIRouter()  # always open: it holds no data, and it is where a person enters a key
 
 
@@ -105,21 +107,44 @@ async def get_served(
 
 ServedDep = Annotated[Served, Depends(get_served)]
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 500, 503)}
-_PHOTO = {"type": "string", "format": "binary"}
+_UNKNOWN_MODEL = {"model": ErrorResponse, "description": "`?model=` names no served model "
+                  "(unknown_model; the message lists the served ones)."}  # fmt: skip
+_ERROR_TEXT = {
+    400: "Nothing to tag, or a malformed body: empty_body, empty_file, no_file, not_a_file, "
+    "bad_request (a broken multipart body, or more than PHOTOTAG_MAX_FILES photos).",
+    404: _UNKNOWN_MODEL["description"],
+    413: "The body is over PHOTOTAG_MAX_BODY_BYTES (payload_too_large), or the image is over "
+    "PHOTOTAG_MAX_PIXELS (image_too_large).",
+    415: "A Content-Type other than multipart/form-data, image/* or application/octet-stream, or "
+    "bytes of no accepted image format (unsupported_media_type).",
+    422: "A corrupt or truncated image (invalid_image), one slower to decode than "
+    "PHOTOTAG_MAX_DECODE_SECONDS (decode_timeout), or a bad query parameter (invalid_parameter).",
+    500: "The model failed on the photo's batch (inference_failed), or a bug (internal_error).",
+    503: "Busy or not ready (model_not_ready, overloaded, timeout, out_of_memory, "
+    "shutting_down; or the server holds PHOTOTAG_MAX_CONNECTIONS connections), with Retry-After.",
+}
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_TEXT.items()
+}
+# An empty photo is refused: 400 empty_body (raw) or empty_file (multipart; in a request with
+# several photos, the error of that photo's result).
+_PHOTO = {"type": "string", "format": "binary", "minLength": 1}
+# The limits that depend on the settings (most photos, largest body) are added per server by
+# app.contract.
 _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
         "description": "One or more photos: multipart fields named `file` (repeat the field for "
         "several photos), or one photo as the raw body with an `image/*` or "
         "`application/octet-stream` Content-Type. The format is read from the bytes: JPEG, PNG, "
-        "WebP, GIF (first frame), BMP, TIFF, HEIC/HEIF.",
+        "WebP, GIF (first frame), BMP, TIFF, HEIC/HEIF; other bytes are refused (415), and so "
+        "is any other Content-Type.",
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "array", "items": _PHOTO}},
+                    "properties": {"file": {"type": "array", "minItems": 1, "items": _PHOTO}},
                 },
                 "encoding": {"file": {"contentType": "image/*"}},
             },
@@ -238,7 +263,7 @@ def summary(model_id: str, tagger: Tagger, default_id: str) -> ModelSummary:
 @api.get(
     "/v1/model",
     response_model=ModelInfo,
-    responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={404: _UNKNOWN_MODEL, 503: {"model": ErrorResponse}},
     summary="One served model in full: classes, preprocessing, metrics",
 )
 async def model_info(served: ServedDep) -> ModelInfo:
@@ -300,7 +325,10 @@ async def readyz(registry: RegistryDep, batcher: BatcherDep) -> Health:
     "/metrics",
     response_class=Response,
     summary="Prometheus metrics",
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format."},
+        404: {"model": ErrorResponse, "description": "Metrics are off (PHOTOTAG_METRICS=false)."},
+    },
 )
 async def metrics(metrics: MetricsDep, settings: SettingsDep) -> Response:
     if not settings.metrics:

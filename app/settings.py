@@ -144,6 +144,33 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long in-flight requests get to finish."
     )
 
+    # --- connections (python -m app / phototag-serve: app.connections)
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest request line plus headers, in bytes; beyond it the request is "
+        "answered 431 and its connection closed.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a request's line and headers may take to arrive, from the "
+        "connection's opening (or the request's first byte on a kept-alive connection); then "
+        "the connection is closed (408 when part of a request had come).",
+    )
+    keepalive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long an idle connection is kept open after a response, for the next "
+        "request.",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Most connections served at once; a request on a connection beyond it is "
+        "answered 503 (Retry-After) and the connection closed.",
+    )
+
     @field_validator("jpeg_reducing_gap")
     @classmethod
     def _gap_is_off_or_at_least_one(cls, value: float) -> float:

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.auth import key_matches
 from app.logs import JsonFormatter, KeyValueFormatter
+from app.settings import Settings
 from model.tagger import Tagger
 from tests.helpers import photo_bytes
 
@@ -130,6 +131,9 @@ def keyed(client_for, tiny_checkpoint):
         {"Authorization": "Bearer second-key"},
         {"X-API-Key": "first-key"},
         {"x-api-key": "second-key"},
+        # the contract declares the two ways as alternatives: a right key in one is enough
+        {"X-API-Key": "wrong", "Authorization": "Bearer first-key"},
+        {"X-API-Key": "second-key", "Authorization": "Bearer wrong"},
     ],
 )
 def test_a_valid_api_key_is_accepted_in_either_header(keyed, headers):
@@ -145,6 +149,7 @@ def test_a_valid_api_key_is_accepted_in_either_header(keyed, headers):
         {"X-API-Key": "first-key-and-more"},
         {"Authorization": "Basic Zmlyc3Qta2V5"},
         {"Authorization": "Bearer nope"},
+        {"X-API-Key": "nope", "Authorization": "Bearer first-ke"},
     ],
 )
 def test_a_missing_or_wrong_key_is_401_revealing_nothing(keyed, headers):
@@ -271,22 +276,73 @@ def test_cors_is_off_unless_origins_are_configured(client, client_for, tiny_chec
     assert "X-Request-ID" in answer.headers["access-control-expose-headers"]
 
 
-def test_openapi_documents_routes_forms_errors_and_keys(client):
+def test_openapi_documents_routes_forms_errors_and_limits(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/tags", "/v1/models", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(
         spec["paths"]
     )
     post = spec["paths"]["/v1/tags"]["post"]
-    assert {"multipart/form-data", "image/*", "application/octet-stream"} <= set(
-        post["requestBody"]["content"]
-    )
+    body = post["requestBody"]["content"]
+    assert {"multipart/form-data", "image/*", "application/octet-stream"} == set(body)
+    files = body["multipart/form-data"]["schema"]["properties"]["file"]
+    assert (files["minItems"], files["maxItems"]) == (1, Settings().max_files)
+    assert body["image/*"]["schema"]["minLength"] == 1
+    assert str(Settings().max_body_bytes) in post["requestBody"]["description"]
     assert {"model", "top_k", "threshold", "all"} <= {p["name"] for p in post["parameters"]}
-    assert {"200", "401", "404", "413", "415", "422", "503"} <= set(post["responses"])
-    assert set(spec["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
-    assert "security" not in spec["paths"]["/healthz"]["get"]
+    assert {"200", "400", "404", "413", "415", "422", "431", "500", "503"} == set(post["responses"])
+    assert post["responses"]["503"]["headers"]["Retry-After"]["required"]
+    # every error is the one JSON shape, FastAPI's default 422 body included
     schemas = spec["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas
+    for path in spec["paths"].values():
+        for operation in path.values():
+            for status, response in operation["responses"].items():
+                if status >= "400":
+                    assert response["content"]["application/json"]["schema"]["$ref"].endswith(
+                        "/ErrorResponse"
+                    )
     assert schemas["TagResponse"]["examples"][0]["results"][0]["tags"]
     assert schemas["ErrorResponse"]["examples"]
+
+
+def operations(spec: dict) -> dict[tuple[str, str], dict]:
+    """(path, method) -> the operation, for every operation of the contract."""
+    return {(p, m): operation for p, ops in spec["paths"].items() for m, operation in ops.items()}
+
+
+def test_openapi_without_keys_declares_no_security(client):
+    spec = client.get("/openapi.json").json()
+    assert "securitySchemes" not in spec["components"]
+    for path, operation in operations(spec).items():
+        assert "security" not in operation, path
+        assert "401" not in operation["responses"], path
+    assert client.get("/v1/models", headers={"X-API-Key": "made-up"}).status_code == 200
+
+
+def test_openapi_with_keys_declares_them_on_the_paths_that_need_one(client_for, tiny_checkpoint):
+    client = client_for(tiny_checkpoint, api_keys="k", open_paths="/healthz,/readyz")
+    spec = client.get("/openapi.json").json()
+    assert set(spec["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    for (path, method), operation in operations(spec).items():
+        needs_key = path not in ("/healthz", "/readyz")
+        assert ("security" in operation) == needs_key, path
+        assert ("401" in operation["responses"]) == needs_key, path
+        assert (client.request(method, path).status_code == 401) == needs_key, path
+    metrics = operations(spec)[("/metrics", "get")]
+    assert metrics["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}]
+
+
+def test_the_contract_follows_each_apps_settings(client_for, tiny_checkpoint):
+    """Two apps in one process publish two contracts: nothing of it is global."""
+    few = client_for(tiny_checkpoint, max_files=2, api_keys="k").get("/openapi.json").json()
+    many = client_for(tiny_checkpoint, max_files=9).get("/openapi.json").json()
+
+    def max_files(spec: dict) -> int:
+        body = spec["paths"]["/v1/tags"]["post"]["requestBody"]["content"]
+        return body["multipart/form-data"]["schema"]["properties"]["file"]["maxItems"]
+
+    assert (max_files(few), max_files(many)) == (2, 9)
+    assert "securitySchemes" in few["components"] and "securitySchemes" not in many["components"]
 
 
 def test_warm_up_runs_a_single_photo_and_a_full_batch(client_for, tiny_checkpoint, monkeypatch):
