@@ -1,4 +1,6 @@
-"""``python -m app`` / ``phototag-serve``: check the models, then serve with uvicorn.
+"""``phototag serve`` (also ``python -m app``, ``phototag-serve``): load the models, then serve
+with uvicorn. Every setting is a ``PHOTOTAG_*`` environment variable; the flags set the few a
+person types most, over the environment.
 
 The connections are bounded (app.connections): header size and time, keep-alive, a cap on their
 number. On SIGTERM (or Ctrl-C) uvicorn stops accepting connections, lets in-flight requests finish
@@ -8,9 +10,11 @@ is 0.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
@@ -18,16 +22,34 @@ import uvicorn
 from app.connections import Bounds, bounded_protocol, ensure_open_files
 from app.logs import configure_logging
 from app.main import create_app
-from app.settings import get_settings
+from app.settings import Settings, get_settings, settings_with
 from model.checkpoint import CheckpointError
 from model.runtime import ConfigError
 
 
-def main() -> int:
+def parse_args(argv: Sequence[str] | None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(
+        prog="phototag serve",
+        description="Serve the REST API and the upload page.",
+        epilog="Every setting is a PHOTOTAG_* environment variable (or a line of a .env file); "
+        "README.md, Configuration, lists them. The flags override the environment.",
+    )
+    parser.add_argument("--host", help="address to listen on (PHOTOTAG_HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on (PHOTOTAG_PORT)")
+    parser.add_argument("--checkpoint", help="the checkpoint to serve (PHOTOTAG_CHECKPOINT)")
+    parser.add_argument(
+        "--models-dir", help="serve every checkpoint in this folder (PHOTOTAG_MODELS_DIR)"
+    )
+    given = vars(parser.parse_args(argv))
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    overrides = parse_args(argv)
     # Refuse to start with one clear line, not a traceback, when a setting or the default model
     # is unusable. The models load here, once, before the server listens.
     try:
-        settings = get_settings()
+        settings: Settings = settings_with(overrides) if overrides else get_settings()
         configure_logging(settings.log_level, settings.log_format)
         app = create_app(settings)
         asyncio.run(app.state.registry.start())

@@ -238,8 +238,13 @@ class ServingPlan:
 def get_settings() -> Settings:
     """The settings from the environment; a bad value raises :class:`ConfigError` whose message
     names the variable."""
+    return settings_with({})
+
+
+def settings_with(overrides: dict[str, object]) -> Settings:
+    """The environment's settings with ``overrides`` (field name -> value) over them."""
     try:
-        return Settings()
+        return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
 

@@ -340,7 +340,7 @@ def default_workers() -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="phototag-evaluate",
+        prog="phototag evaluate",
         description="Measure a checkpoint on labelled photos (a folder per class, or a CSV/JSONL "
         "manifest): accuracy, top-5, per-class precision/recall/F1, confusion matrix and ECE, "
         "or mAP and F1 for multi-label; writes evaluation.json and PNG plots.",
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run(args)
     except (CheckpointError, ConfigError, EvaluationError, data.DataError) as exc:
-        print(f"phototag-evaluate: error: {exc}", file=sys.stderr)
+        print(f"phototag evaluate: error: {exc}", file=sys.stderr)
         return 2
     source = result["source"]
     out = args.out or default_out(args, source["split"])

@@ -54,7 +54,7 @@ def build_default_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="phototag-pretrained", description=__doc__.split("\n\n")[0]
+        prog="phototag pretrained", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--out",

@@ -47,7 +47,7 @@ def add_config_flags(
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig | None, str | None]:
     parser = argparse.ArgumentParser(
-        prog="phototag-train",
+        prog="phototag train",
         description=__doc__.split("\n\n")[0],
         argument_default=argparse.SUPPRESS,  # only the flags given override the config defaults
     )
@@ -67,12 +67,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig | None, str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``phototag-train``: 0 when the run finished; 2 and one line on stderr when the photos or
+    """``phototag train``: 0 when the run finished; 2 and one line on stderr when the photos or
     the settings cannot work."""
     try:
         cfg, resume = parse_args(argv)
         train(cfg, resume=resume)
     except (data.DataError, ConfigError, architectures.WeightsError) as exc:
-        print(f"phototag-train: error: {exc}", file=sys.stderr)
+        print(f"phototag train: error: {exc}", file=sys.stderr)
         return 2
     return 0

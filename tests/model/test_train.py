@@ -261,7 +261,7 @@ def test_a_config_checks_itself_and_the_cli_says_what_is_wrong_in_one_line(tmp_p
         TrainConfig(device="gpu")
     assert train.main(["--data", str(tmp_path), "--schedule", "linear"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("phototag-train: error: --schedule:") and err.count("\n") == 1
+    assert err.startswith("phototag train: error: --schedule:") and err.count("\n") == 1
 
 
 def test_multi_label_manifest_gets_thresholds_and_map(tmp_path):
