@@ -1,0 +1,226 @@
+"""People (face detector) benchmark: recall, false positives and CPU time per photo.
+
+    python bench/people_bench.py                          # the shipped defaults
+    python bench/people_bench.py --work-size 480 --min-face 24 --quick
+
+- recall: photos with people, and how many of them got a ``person`` tag: scikit-image's
+  astronaut and camera, the indoor photos whose manifest says ``person`` (far, small faces),
+  and 100 LFW faces (scikit-image's ``lfw_subset``, 25x25 tight crops) pasted one per photo at
+  several sizes onto a 640x480 photo without faces (a hit is a box around the pasted face).
+- false positives: photos without people that got a ``person`` tag: scikit-image's photographs
+  without faces, ants-bees/train, the indoor photos without ``person``, the exif-orientation
+  landscape. Each false detection is listed, to be looked at.
+- CPU time: milliseconds per photo on one torch thread (set here, in this process only), median
+  of ``--repeat`` runs, on thumbnails (640x480), on phone photos (4032x3024 JPEG) as the server
+  decodes them (JPEG draft to 1008x756) and on the full 4032x3024 decode.
+
+Photo sets come from ``../shared/data`` (``--data``); a set that is absent is skipped with a
+message. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md, "Training"
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from photos import make_photo, source_photos  # noqa: E402
+
+from model.imageio import decode  # noqa: E402
+from model.people import DetectorConfig, FaceDetector, people_tags  # noqa: E402
+
+Photo = tuple[str, Image.Image]
+LFW_SIDES = (16, 24, 32, 48, 64, 96, 160)
+SKIMAGE_FACES = ("astronaut", "camera")
+SKIMAGE_NO_FACES = (
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "coins",
+    "moon",
+    "clock",
+    "colorwheel",
+)
+SERVER_DRAFT = 512  # the server's JPEG draft size (2x its 256 px resize)
+
+
+def skimage_photos(names: tuple[str, ...]) -> list[Photo]:
+    from skimage import data
+
+    return [(name, Image.fromarray(getattr(data, name)()).convert("RGB")) for name in names]
+
+
+def indoor_photos(data: Path, with_person: bool) -> list[Photo] | None:
+    folder = data / "indoor-multilabel"
+    if not (folder / "manifest.jsonl").is_file():
+        return None
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    return [
+        (row["path"], Image.open(folder / row["path"]).convert("RGB"))
+        for row in rows
+        if ("person" in row["tags"]) == with_person
+    ]
+
+
+def folder_photos(folder: Path, limit: int | None) -> list[Photo] | None:
+    if not folder.is_dir():
+        return None
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    photos = []
+    for path in paths[:limit]:
+        with Image.open(path) as image:
+            photos.append((str(path.relative_to(folder)), ImageOps.exif_transpose(image)))
+    return [(name, image.convert("RGB")) for name, image in photos]
+
+
+def lfw_pasted(side: int, count: int, seed: int = 0) -> Iterator[tuple[Image.Image, tuple]]:
+    """LFW faces upscaled to ``side`` px, one per 640x480 copy of a faceless photo."""
+    from skimage import data
+
+    faces = (data.lfw_subset()[:count] * 255).astype(np.uint8)  # the first 100 are faces
+    background = Image.fromarray(data.coffee()).resize((640, 480))
+    rng = np.random.default_rng(seed)
+    for face in faces:
+        x, y = int(rng.integers(0, 640 - side)), int(rng.integers(0, 480 - side))
+        photo = background.copy()
+        pasted = Image.fromarray(face).convert("RGB").resize((side, side), Image.BICUBIC)
+        photo.paste(pasted, (x, y))
+        yield photo, (x + side / 2, y + side / 2)
+
+
+def has_person(detector: FaceDetector, image: Image.Image) -> tuple[bool, list]:
+    faces = detector.detect(image)
+    tags = people_tags(faces, image.size)
+    return any(t.label == "person" for t in tags), faces
+
+
+def report_set(detector: FaceDetector, title: str, photos: list[Photo] | None, people: bool):
+    if photos is None:
+        print(f"  {title}: skipped (not found under --data)")
+        return
+    hits = []
+    for name, image in photos:
+        found, faces = has_person(detector, image)
+        if found:
+            hits.append((name, faces))
+    kind = "recall" if people else "false positives"
+    print(f"  {title}: {kind} {len(hits)}/{len(photos)} = {len(hits) / len(photos):.1%}")
+    if people:
+        missed = sorted(set(n for n, _ in photos) - set(n for n, _ in hits))
+        if missed:
+            print(f"    missed: {', '.join(missed)}")
+        return
+    for name, faces in hits:
+        boxes = ", ".join(f"{[round(v) for v in f.box]} p={f.score:.3f}" for f in faces)
+        print(f"    {name}: {boxes}")
+
+
+def report_lfw(detector: FaceDetector, count: int) -> None:
+    cells = []
+    for side in LFW_SIDES:
+        found = 0
+        for photo, (cx, cy) in lfw_pasted(side, count):
+            boxes = [f.box for f in detector.detect(photo)]
+            found += any(x0 < cx < x1 and y0 < cy < y1 for x0, y0, x1, y1 in boxes)
+        cells.append(f"{side}px {found / count:.0%}")
+    print(f"  LFW faces pasted into 640x480 ({count} per size): " + ", ".join(cells))
+
+
+def time_set(detector: FaceDetector, title: str, images: list[Image.Image], repeat: int) -> None:
+    per_photo = []
+    for image in images:
+        detector.detect(image)  # warm-up: first-call allocations
+        runs = []
+        for _ in range(repeat):
+            # CPU time of this thread (torch runs on it alone here): what the photo costs the
+            # server, and steady on a machine shared with other jobs, unlike wall time
+            start = time.thread_time()
+            detector.detect(image)
+            runs.append(time.thread_time() - start)
+        per_photo.append(statistics.median(runs))
+    work = detector.run(images[0]).work_size
+    ms = sorted(t * 1000 for t in per_photo)
+    print(
+        f"  {title} {images[0].size[0]}x{images[0].size[1]} -> {work[0]}x{work[1]}: "
+        f"median {statistics.median(ms):.1f} ms, max {ms[-1]:.1f} ms CPU per photo "
+        f"({len(images)} photos)"
+    )
+
+
+def cost_photos(count: int) -> dict[str, list[Image.Image]]:
+    """Thumbnails and phone photos as the serving benchmark makes them (bench/photos.py)."""
+    sets: dict[str, list[Image.Image]] = {"thumb": [], "phone (server decode)": [], "phone": []}
+    for seed, (_, image) in enumerate(source_photos(count)):
+        thumb = make_photo(image, (640, 480), 0.0, seed)
+        phone = make_photo(image, (4032, 3024), 5.0, seed)
+        sets["thumb"].append(Image.open(io.BytesIO(thumb)).convert("RGB"))
+        draft = decode(phone, max_pixels=50_000_000, draft_size=SERVER_DRAFT)
+        sets["phone (server decode)"].append(draft)
+        sets["phone"].append(Image.open(io.BytesIO(phone)).convert("RGB"))
+    return sets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    defaults = DetectorConfig()
+    parser.add_argument("--work-size", type=int, default=defaults.work_size)
+    parser.add_argument("--min-face", type=int, default=defaults.min_face)
+    parser.add_argument("--pnet-threshold", type=float, default=defaults.thresholds[0])
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per photo")
+    parser.add_argument("--cost-photos", type=int, default=10, help="photos per timed set")
+    parser.add_argument("--quick", action="store_true", help="fewer photos (a smoke run)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    config = DetectorConfig(
+        work_size=args.work_size,
+        min_face=args.min_face,
+        thresholds=(args.pnet_threshold, *defaults.thresholds[1:]),
+    )
+    detector = FaceDetector.load(config=config)
+    limit = 20 if args.quick else None
+    print(f"MTCNN, {config}; torch {torch.__version__}, 1 thread")
+
+    print("photos with people:")
+    report_set(detector, "scikit-image astronaut, camera", skimage_photos(SKIMAGE_FACES), True)
+    indoor = indoor_photos(args.data, with_person=True)
+    report_set(detector, "indoor-multilabel tagged person (far faces)", indoor, True)
+    report_lfw(detector, 20 if args.quick else 100)
+
+    print("photos without people:")
+    report_set(detector, "scikit-image photographs", skimage_photos(SKIMAGE_NO_FACES), False)
+    ants_bees = folder_photos(args.data / "ants-bees" / "train", limit)
+    report_set(detector, "ants-bees/train", ants_bees, False)
+    report_set(detector, "indoor-multilabel without person", indoor_photos(args.data, False), False)
+    exif = folder_photos(args.data / "exif-orientation", None)
+    landscape = None if exif is None else [p for p in exif if p[0] == "Landscape_1.jpg"]
+    report_set(detector, "exif-orientation landscape", landscape, False)
+
+    print("CPU time per photo (one thread):")
+    count = 3 if args.quick else args.cost_photos
+    for title, images in cost_photos(count).items():
+        time_set(detector, title, images, 2 if args.quick else args.repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The face detector and the people tags, on real photos (scikit-image's) and photos built from
+them."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from model.people import (
+    WEIGHTS_PATH,
+    DetectorConfig,
+    Face,
+    FaceDetector,
+    MTCNNNets,
+    people_tags,
+)
+
+skimage_data = pytest.importorskip("skimage.data", reason="needs scikit-image (the [dev] extra)")
+
+# where the astronaut's face is in skimage's 512x512 photo (looked at): forehead to chin
+ASTRONAUT_FACE = (170, 50, 280, 185)
+
+
+def skimage_photo(name: str) -> Image.Image:
+    return Image.fromarray(getattr(skimage_data, name)())
+
+
+def three_faces() -> Image.Image:
+    """The astronaut's face pasted three times, at 100%, 90% and 80%, on a plain canvas."""
+    face = skimage_photo("astronaut").crop((150, 30, 300, 205))  # 150x175, hair to neck
+    canvas = Image.new("RGB", (520, 260), (128, 128, 128))
+    x = 10
+    for scale in (1.0, 0.9, 0.8):
+        size = (round(face.width * scale), round(face.height * scale))
+        canvas.paste(face.resize(size, Image.Resampling.BICUBIC), (x, 40))
+        x += size[0] + 20
+    return canvas
+
+
+def labels(faces: list[Face], image: Image.Image) -> list[str]:
+    return [tag.label for tag in people_tags(faces, image.size)]
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector.load()
+
+
+def inside(box: tuple[float, ...], region: tuple[float, ...]) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return region[0] < cx < region[2] and region[1] < cy < region[3]
+
+
+def test_astronaut_has_one_face_where_her_face_is_and_is_a_portrait(detector):
+    photo = skimage_photo("astronaut")
+    faces = detector.detect(photo)
+    assert len(faces) == 1
+    assert faces[0].score > 0.95
+    assert inside(faces[0].box, ASTRONAUT_FACE)
+    assert 60 < faces[0].side < 140
+    assert labels(faces, photo) == ["person", "portrait"]
+
+
+def test_camera_has_a_face(detector):
+    photo = skimage_photo("camera")  # greyscale ("L"): the detector converts it
+    assert photo.mode == "L"
+    faces = detector.detect(photo)
+    assert len(faces) == 1
+    assert "person" in labels(faces, photo)
+
+
+def test_chelsea_the_cat_has_no_face_and_no_tags(detector):
+    photo = skimage_photo("chelsea")
+    faces = detector.detect(photo)
+    assert faces == []
+    assert people_tags(faces, photo.size) == []
+
+
+def test_three_faces_of_similar_size_are_a_group(detector):
+    photo = three_faces()
+    faces = detector.detect(photo)
+    assert len(faces) == 3
+    assert labels(faces, photo) == ["person", "group"]
+
+
+def test_a_huge_photo_is_downscaled_first_and_gives_the_same_face(detector):
+    small = skimage_photo("astronaut")
+    big = small.resize((4000, 4000), Image.Resampling.BICUBIC)
+    result = detector.run(big)
+    assert result.work_size == (640, 640)  # the networks never saw more than this
+    assert len(result.faces) == 1
+    scale = 4000 / 512
+    assert inside(result.faces[0].box, tuple(v * scale for v in ASTRONAUT_FACE))
+    assert labels(result.faces, big) == labels(detector.detect(small), small)
+
+
+def test_a_photo_smaller_than_the_working_size_is_not_upscaled(detector):
+    assert detector.run(skimage_photo("chelsea")).work_size == (451, 300)
+
+
+def test_a_photo_too_small_for_any_face_gives_none(detector):
+    assert detector.detect(Image.new("RGB", (8, 8))) == []
+
+
+def test_detect_from_four_threads_at_once_matches_serial(detector):
+    photos = [skimage_photo(n) for n in ("astronaut", "camera", "chelsea")] + [three_faces()]
+    serial = [detector.detect(p) for p in photos]
+    start = threading.Barrier(len(photos))
+
+    def detect(photo: Image.Image) -> list[Face]:
+        start.wait()
+        return detector.detect(photo)
+
+    with ThreadPoolExecutor(len(photos)) as pool:
+        parallel = list(pool.map(detect, photos))
+    for one, other in zip(serial, parallel, strict=True):
+        assert len(one) == len(other)
+        for a, b in zip(one, other, strict=True):
+            assert a.box == pytest.approx(b.box, abs=1e-3)
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_detect_leaves_torch_settings_as_they_were(detector):
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    detector.detect(skimage_photo("astronaut"))
+    assert (torch.get_num_threads(), torch.is_grad_enabled()) == (threads, grad)
+
+
+def test_every_tensor_of_the_weights_file_belongs_to_the_nets():
+    nets = MTCNNNets()
+    with safe_open(str(WEIGHTS_PATH), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        assert "facenet_pytorch-2.6.0" in f.metadata()["source"]
+    own = nets.state_dict()
+    assert sorted(tensors) == sorted(own)
+    assert all(tensors[k].shape == own[k].shape for k in own)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    nets.load_state_dict(tensors, strict=True)
+
+
+def test_config_refuses_a_min_face_below_pnet_window():
+    with pytest.raises(ValueError, match="min_face"):
+        DetectorConfig(min_face=8)
+
+
+# ---- people_tags on faces given directly ----------------------------------------------------
+
+PHOTO = (1000, 800)  # shorter side 800: a portrait face needs a side of at least 96 px
+
+
+def face(x: float, y: float, side: float, score: float = 0.99) -> Face:
+    return Face(box=(x, y, x + side, y + side), score=score)
+
+
+def test_no_faces_no_tags():
+    assert people_tags([], PHOTO) == []
+
+
+def test_a_small_far_face_is_a_person_not_a_portrait():
+    tags = people_tags([face(100, 100, 30, 0.97)], PHOTO)
+    assert [(t.label, t.probability) for t in tags] == [("person", 0.97)]
+
+
+def test_one_large_face_with_small_ones_behind_is_a_portrait():
+    tags = people_tags([face(300, 200, 250, 0.98), face(50, 50, 40), face(800, 60, 50)], PHOTO)
+    assert [t.label for t in tags] == ["person", "portrait"]
+    assert tags[1].probability == 0.98
+
+
+def test_two_faces_of_similar_size_are_neither_portrait_nor_group():
+    tags = people_tags([face(100, 100, 200), face(500, 100, 180)], PHOTO)
+    assert [t.label for t in tags] == ["person"]
+
+
+def test_group_probability_is_the_weakest_of_its_faces():
+    faces = [face(0, 0, 100, 0.99), face(200, 0, 90, 0.95), face(400, 0, 80, 0.93)]
+    tags = people_tags([*faces, face(600, 0, 20, 0.5)], PHOTO)
+    assert [(t.label, t.probability) for t in tags] == [("person", 0.99), ("group", 0.93)]
