@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from app.batcher import Batcher, Result
+from app.batcher import Batcher
 from app.errors import ApiError, DecodeTimeout, photo_error
 from app.metrics import Metrics
 from model.imageio import PhotoError
-from model.tagger import Tagger
+from model.tagger import Prepared, Tag, Tagger
 
 log = logging.getLogger("phototag.pipeline")
 
@@ -48,8 +48,9 @@ class Decoder:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="phototag-decode")
         self._free = asyncio.Semaphore(threads)
 
-    async def tensor(self, data: bytes, tagger: Tagger) -> torch.Tensor:
-        """(3, crop, crop) for ``tagger``; raises ApiError for a photo it cannot take."""
+    async def prepare(self, data: bytes, tagger: Tagger) -> Prepared:
+        """The photo prepared for ``tagger`` (:meth:`model.tagger.Tagger.prepare`: its pixels
+        and people tags); raises ApiError for a photo it cannot take."""
         loop = asyncio.get_running_loop()
         await self._free.acquire()
         context = contextvars.copy_context()  # the request id follows the photo into its thread
@@ -64,41 +65,58 @@ class Decoder:
             self.metrics.decode_failures.labels(error.code).inc()
             raise
 
-    def _decode(self, data: bytes, tagger: Tagger) -> torch.Tensor:
+    def _decode(self, data: bytes, tagger: Tagger) -> Prepared:
         started = time.perf_counter()
         try:
-            tensor = tagger.pixels(data, max_pixels=self.max_pixels, reducing_gap=self.reducing_gap)
+            prepared = tagger.prepare(
+                data, max_pixels=self.max_pixels, reducing_gap=self.reducing_gap
+            )
         except PhotoError as error:
             raise photo_error(error) from None
         self.metrics.decode.observe(time.perf_counter() - started)
-        return tensor
+        return prepared
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-async def probabilities_for(
+@dataclass
+class Tagged:
+    """One photo's outcome: its (num_classes,) probabilities and its people tags."""
+
+    probabilities: torch.Tensor
+    people: tuple[Tag, ...]
+
+
+Outcome = Tagged | ApiError
+
+
+async def tag_uploads(
     uploads: list[Upload], tagger: Tagger, model_id: str, decoder: Decoder, batcher: Batcher
-) -> list[Result]:
-    """Per upload, its (num_classes,) probabilities or the ApiError that failed it; raises the
-    first error when every photo failed, and Overloaded at once when the queue has no room."""
+) -> list[Outcome]:
+    """Per upload, what it was tagged with or the ApiError that failed it; raises the first
+    error when every photo failed, and Overloaded at once when the queue has no room."""
     with batcher.admit(len(uploads)):
-        decoded = await asyncio.gather(*(_tensor_or_error(u, tagger, decoder) for u in uploads))
-        good = [i for i, item in enumerate(decoded) if isinstance(item, torch.Tensor)]
-        results: list[Result] = list(decoded)
+        decoded = await asyncio.gather(*(_prepared_or_error(u, tagger, decoder) for u in uploads))
+        good = [(i, item) for i, item in enumerate(decoded) if isinstance(item, Prepared)]
+        outcomes: list = list(decoded)  # the prepared ones become outcomes below
         if good:
-            probs = await batcher.infer(tagger, [decoded[i] for i in good], model_id)
-            for i, result in zip(good, probs, strict=True):
-                results[i] = result
-    errors = [r for r in results if isinstance(r, ApiError)]
-    if len(errors) == len(results):
+            pixels = [prepared.pixels for _, prepared in good]
+            results = await batcher.infer(tagger, pixels, model_id)
+            for (i, prepared), result in zip(good, results, strict=True):
+                failed = isinstance(result, ApiError)
+                outcomes[i] = result if failed else Tagged(result, prepared.people)
+    errors = [o for o in outcomes if isinstance(o, ApiError)]
+    if len(errors) == len(outcomes):
         raise errors[0]
-    return results
+    return outcomes
 
 
-async def _tensor_or_error(upload: Upload, tagger: Tagger, decoder: Decoder) -> Result:
+async def _prepared_or_error(
+    upload: Upload, tagger: Tagger, decoder: Decoder
+) -> Prepared | ApiError:
     try:
-        return await decoder.tensor(upload.data, tagger)
+        return await decoder.prepare(upload.data, tagger)
     except ApiError as error:
         failure = error
     except Exception as exc:  # a decoder bug on one odd photo must not fail the others

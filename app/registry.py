@@ -24,6 +24,7 @@ from app.errors import ModelNotReady, UnknownModel
 from app.metrics import Metrics
 from app.settings import ServingPlan, Settings
 from model.checkpoint import CheckpointError
+from model.people import FaceDetector
 from model.tagger import Tagger
 
 log = logging.getLogger("phototag.registry")
@@ -62,6 +63,8 @@ class ModelRegistry:
         self.metrics = metrics
         self.default_id = ""
         self.started = False
+        # one face detector for every served model: its weights are the package's, not a model's
+        self.people = FaceDetector.load() if settings.people == "on" else None
         self._taggers: dict[str, Tagger] = {}
         self._tried: dict[str, FileSignature | None] = {}  # file state last loaded or refused
 
@@ -168,7 +171,7 @@ class ModelRegistry:
         return None
 
     def _build(self, path: Path) -> Tagger:
-        tagger = Tagger.load(path, self.plan.runtime)
+        tagger = Tagger.load(path, self.plan.runtime, self.people)
         tagger.warm_up(self.plan.warm_up_sizes)
         return tagger
 

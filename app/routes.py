@@ -10,10 +10,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from app.auth import ApiKey
-from app.batcher import Batcher, Result
+from app.batcher import Batcher
 from app.errors import ApiError, ModelNotReady
 from app.metrics import Metrics
-from app.pipeline import Decoder, probabilities_for
+from app.pipeline import Decoder, Outcome, tag_uploads
 from app.registry import ModelRegistry
 from app.schemas import (
     ErrorResponse,
@@ -197,11 +197,11 @@ async def tag_photos(
     ] = "tags",
 ) -> TagResponse:
     uploads = await read_uploads(request, settings)
-    results = await probabilities_for(uploads, served.tagger, served.model_id, decoder, batcher)
+    outcomes = await tag_uploads(uploads, served.tagger, served.model_id, decoder, batcher)
     choice = TagChoice(top_k or settings.default_top_k, threshold, vocabulary, all)
     photos = [
-        shape_result(upload.filename, result, served.tagger, choice)
-        for upload, result in zip(uploads, results, strict=True)
+        shape_result(upload.filename, outcome, served.tagger, choice)
+        for upload, outcome in zip(uploads, outcomes, strict=True)
     ]
     return TagResponse(model=served.ref(), results=photos)
 
@@ -217,15 +217,16 @@ class TagChoice:
 
 
 def shape_result(
-    filename: str | None, result: Result, tagger: Tagger, choice: TagChoice
+    filename: str | None, outcome: Outcome, tagger: Tagger, choice: TagChoice
 ) -> PhotoResult:
-    """One photo's probabilities (num_classes,) or error -> its result in the response."""
-    if isinstance(result, ApiError):
-        error = {"code": result.code, "message": result.message}
+    """One photo's outcome (probabilities and people tags, or an error) -> its result."""
+    if isinstance(outcome, ApiError):
+        error = {"code": outcome.code, "message": outcome.message}
         return PhotoResult(filename=filename, tags=[], error=error)
+    result = outcome.probabilities
     tags = [
         Tag(label=t.label, probability=t.probability, **({"path": list(t.path)} if t.path else {}))
-        for t in tagger.tags(result, choice.top_k, choice.threshold, choice.view)
+        for t in tagger.tags(result, choice.top_k, choice.threshold, choice.view, outcome.people)
     ]  # a raw class has no path: the field stays out of the response
     if choice.include_all:
         everything = dict(zip(tagger.classes, result.tolist(), strict=True))

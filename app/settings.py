@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         "Larger is closer to a full decode, smaller is faster (bench/README.md has the "
         "figures); 0 is exact.",
     )
+    people: Literal["on", "off"] = Field(
+        "on",
+        description="People tags (people/person, people/portrait, people/group) from a face "
+        "detector run on each decoded photo: on or off.",
+    )
     default_top_k: int = Field(
         5, ge=1, description="Tags returned per photo when top_k is not given."
     )
