@@ -84,7 +84,8 @@ def indoor_photos(data: Path, with_person: bool) -> list[Photo] | None:
 def folder_photos(folder: Path, limit: int | None) -> list[Photo] | None:
     if not folder.is_dir():
         return None
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    suffixes = (".jpg", ".jpeg", ".png", ".gif")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes)
     photos = []
     for path in paths[:limit]:
         with Image.open(path) as image:
