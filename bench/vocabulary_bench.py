@@ -124,22 +124,12 @@ def truths(v: vocab.Vocabulary, tags: list[list[str]]) -> list[set[int]]:
 def raw_report(probs: torch.Tensor, truth: list[set[int]], threshold: float) -> dict:
     """The raw classes as the API returns them with ``?vocabulary=classes``: top 5 at least
     ``threshold`` probable."""
-    returned = right = tagged = first = 0
+    verdicts = []
     for row, true in zip(probs, truth, strict=True):
         values, indices = row.topk(5)
         chosen = [int(i) for v, i in zip(values, indices, strict=True) if v >= threshold]
-        verdicts = [i in true for i in chosen]
-        returned += len(chosen)
-        right += sum(verdicts)
-        tagged += bool(chosen)
-        first += bool(verdicts and verdicts[0])
-    n = len(truth)
-    return {
-        "precision": right / returned if returned else None,
-        "coverage": tagged / n,
-        "tags_per_photo": returned / n,
-        "right_first": first / tagged if tagged else None,
-    }
+        verdicts.append([i in true for i in chosen])
+    return vocab.summarise(verdicts)
 
 
 def fmt(value: float | None) -> str:

@@ -226,29 +226,33 @@ def tag_report(
     rolled = vocabulary.roll_up(probabilities, task)  # (N, T)
     gathered = [set(members) for members in vocabulary.gathered]
     index = {tag.label: t for t, tag in enumerate(vocabulary.tags)}
-    returned = right = tagged = first_right = 0
-    per_tag: dict[str, list[int]] = {}
+    verdicts, per_tag = [], {}
     for photo, truth in zip(rolled, truths, strict=True):
         chosen = vocabulary.select(photo, top_k)
-        verdicts = [bool(gathered[index[s.label]] & truth) for s in chosen]
-        for scored, verdict in zip(chosen, verdicts, strict=True):
+        verdicts.append([bool(gathered[index[s.label]] & truth) for s in chosen])
+        for scored, verdict in zip(chosen, verdicts[-1], strict=True):
             counts = per_tag.setdefault(scored.label, [0, 0])
             counts[0] += 1
             counts[1] += verdict
-        returned += len(chosen)
-        right += sum(verdicts)
-        tagged += bool(chosen)
-        first_right += bool(verdicts and verdicts[0])
-    photos = len(truths)
-    return {
-        "photos": photos,
-        "precision": right / returned if returned else None,
-        "coverage": tagged / photos if photos else None,
-        "tags_per_photo": returned / photos if photos else None,
-        "right_first": first_right / tagged if tagged else None,
+    return summarise(verdicts) | {
         "per_tag": {
             label: {"returned": n, "right": r} for label, (n, r) in sorted(per_tag.items())
         },
+    }
+
+
+def summarise(verdicts: Sequence[Sequence[bool]]) -> dict[str, Any]:
+    """Per photo, whether each tag it got (in order) is right -> photos, precision, coverage,
+    tags per photo and right_first (see :func:`tag_report`)."""
+    photos = len(verdicts)
+    returned = sum(map(len, verdicts))
+    tagged = sum(1 for v in verdicts if v)
+    return {
+        "photos": photos,
+        "precision": sum(map(sum, verdicts)) / returned if returned else None,
+        "coverage": tagged / photos if photos else None,
+        "tags_per_photo": returned / photos if photos else None,
+        "right_first": sum(1 for v in verdicts if v and v[0]) / tagged if tagged else None,
     }
 
 
