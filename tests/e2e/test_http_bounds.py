@@ -138,24 +138,32 @@ def test_a_head_that_stops_halfway_gets_408_and_a_closed_connection(server):
     assert b"connection: close" in answer.lower()
 
 
+def send_until_answered(sock, pieces, pause: float) -> tuple[bytes, int]:
+    """Send ``pieces`` one at a time, ``pause`` s apart, until the server answers or closes;
+    then read the answer to its end. Returns it and the bytes sent."""
+    answer, sent = b"", 0
+    for piece in pieces:
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += len(piece)
+        sock.settimeout(pause)
+        with contextlib.suppress(TimeoutError):
+            answer += sock.recv(65536)
+        if answer:
+            break
+    sock.settimeout(SLACK_S)
+    return answer + read_until_closed(sock), sent
+
+
 def test_a_head_trickled_a_byte_at_a_time_cannot_outlast_the_timeout(server):
     """Slowloris: bytes keep coming, but the head's deadline runs from its start."""
     started = time.monotonic()
     with connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
-        answer = b""
-        for _ in range(int((HEADER_TIMEOUT_S + SLACK_S) / 0.1)):  # bounded
-            try:
-                sock.sendall(b"a")
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sock.settimeout(0.1)
-            with contextlib.suppress(TimeoutError):
-                answer += sock.recv(65536)
-            if answer:
-                break
-        sock.settimeout(SLACK_S)
-        answer += read_until_closed(sock)
+        pieces = [b"a"] * int((HEADER_TIMEOUT_S + SLACK_S) / 0.1)  # bounded
+        answer, _ = send_until_answered(sock, pieces, 0.1)
     assert status_of(answer) == 408
     assert time.monotonic() - started < HEADER_TIMEOUT_S + SLACK_S
 
@@ -223,23 +231,10 @@ def test_a_200_kb_header_is_refused_with_431_and_a_closed_connection(server):
 def test_a_head_over_the_limit_is_refused_as_it_streams_in(server):
     """Many small headers, 1 KiB a write, never finishing: refused soon after the limit, not
     read on (or waited for) to the end."""
-    sent, answer = 0, b""
     with connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-        for i in range(MAX_HEADER_BYTES // 64 * 4):  # bounded: 4x the limit
-            line = f"X-H{i}: {'b' * 1000}\r\n".encode()
-            try:
-                sock.sendall(line)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += len(line)
-            sock.settimeout(0.02)
-            with contextlib.suppress(TimeoutError):
-                answer += sock.recv(65536)
-            if answer:
-                break
-        sock.settimeout(SLACK_S)
-        answer += read_until_closed(sock)
+        lines = (f"X-H{i}: {'b' * 1000}\r\n".encode() for i in range(MAX_HEADER_BYTES // 64 * 4))
+        answer, sent = send_until_answered(sock, lines, 0.02)  # bounded: 4x the limit
     assert status_of(answer) == 431
     assert sent < MAX_HEADER_BYTES * 2, f"the server kept reading {sent} bytes of head"
 
