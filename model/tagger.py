@@ -213,15 +213,16 @@ class Tagger:
             labels = [t.label for t in self.vocabulary.tags]
             if label in labels:
                 return vocabulary_target(self.vocabulary, labels.index(label), self.card.task)
-            where = "GET /v1/model lists them under vocabulary[].label"
+            kind = "vocabulary tag"
         else:
-            if label in self.classes:
+            labels = self.classes
+            if label in labels:
                 target = class_target(self.classes, self.classes.index(label), self.card.task)
                 # the classes are the tags: a one-element path, as :meth:`tags` gives them
                 return target if view == "classes" else replace(target, path=(label,))
-            where = "GET /v1/model lists them under classes"
-        kind = "tag" if view == "tags" and self.vocabulary is not None else "class"
-        raise UnknownTag(f"the model has no {kind} {label!r}; {where}")
+            kind = "class"
+        examples = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+        raise UnknownTag(f"the model has no {kind} {label!r} (it has {len(labels)}: {examples})")
 
     def explain(self, pixels: torch.Tensor, tag: str | None = None, view: View = "tags") -> Heatmap:
         """uint8 (3, crop, crop) -> where the evidence for ``tag`` is (default: the photo's top
