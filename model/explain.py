@@ -40,6 +40,7 @@ from torch import nn
 
 from model.architectures import TaggerNet
 from model.checkpoint import atomic_write_bytes
+from model.imageio import full_size
 from model.preprocess import Preprocess, crop_box, normalize
 from model.runtime import fold_batchnorm
 from model.vocabulary import Vocabulary
@@ -221,20 +222,24 @@ def explain(explainer: Explainer | TaggerNet, pixels: torch.Tensor, target: Targ
 # --------------------------------------------------------------------------------------------
 
 
-def on_photo(heatmap: Heatmap, size: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
-    """The heatmap over a whole photo of ``size`` (width, height) as it was decoded, float32
-    (height, width) in [0, 1]: the grid resized (bilinear) onto the region the network saw
-    (:func:`model.preprocess.crop_box`), 0 outside it."""
+def on_photo(
+    heatmap: Heatmap,
+    size: tuple[int, int],
+    preprocess: Preprocess,
+    decoded_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The heatmap over a whole photo of ``size`` (width, height), float32 (height, width) in
+    [0, 1]: the grid resized (bilinear) onto the region the network saw, 0 outside it. The
+    region is where :func:`model.preprocess.crop_box` puts it on the image as it was decoded
+    (``decoded_size``, default ``size``; a JPEG draft is smaller), scaled to ``size``."""
     width, height = size
-    left, top, right, bottom = crop_box(size, preprocess)
-    box = (round(left), round(top), round(right), round(bottom))
-    inside = (max(box[2] - box[0], 1), max(box[3] - box[1], 1))
+    fractions = region(decoded_size or size, preprocess)
+    left, top, right, bottom = (round(f * s) for f, s in zip(fractions, size * 2, strict=True))
+    inside = (max(right - left, 1), max(bottom - top, 1))
     grid = Image.fromarray(heatmap.grid.astype(np.float32), mode="F")
     values = np.asarray(grid.resize(inside, Image.Resampling.BILINEAR), dtype=np.float32)
     full = np.zeros((height, width), dtype=np.float32)
-    full[box[1] : box[1] + inside[1], box[0] : box[0] + inside[0]] = values[
-        : height - box[1], : width - box[0]
-    ]
+    full[top : top + inside[1], left : left + inside[0]] = values[: height - top, : width - left]
     return np.clip(full, 0.0, 1.0)
 
 
@@ -260,16 +265,21 @@ def overlay(
     max_side: int | None = None,
 ) -> Image.Image:
     """The photo with the heatmap drawn over it: hot colours where the evidence is (more opaque
-    the stronger it is), the part the network never saw (outside the crop) darkened. Same size
-    as ``photo``, or scaled down to ``max_side`` on its longer side."""
+    the stronger it is), the part the network never saw (outside the crop) darkened. The size
+    of the photo sent (a JPEG decoded at a draft scale is scaled back up,
+    :func:`model.imageio.full_size`), or scaled down to ``max_side`` on its longer side."""
+    decoded = photo.size
+    size = full_size(photo)
+    if max_side and max(size) > max_side:
+        scale = max_side / max(size)
+        size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
     photo = photo.convert("RGB")
-    if max_side and max(photo.size) > max_side:
-        scale = max_side / max(photo.size)
-        size = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))
+    if photo.size != size:
         photo = photo.resize(size, Image.Resampling.BILINEAR)
-    values = on_photo(heatmap, photo.size, preprocess)  # (H, W)
+    values = on_photo(heatmap, size, preprocess, decoded)  # (H, W)
     base = np.asarray(photo, dtype=np.float32)
-    left, top, right, bottom = (round(v) for v in crop_box(photo.size, preprocess))
+    fractions = region(decoded, preprocess)
+    left, top, right, bottom = (round(f * s) for f, s in zip(fractions, size * 2, strict=True))
     seen = np.zeros(values.shape, dtype=bool)
     seen[top:bottom, left:right] = True
     base = np.where(seen[..., None], base, base * 0.35)

@@ -272,6 +272,19 @@ def test_the_overlay_is_a_png_of_the_photos_size_written_atomically(tmp_path):
     assert ours[:, :5].mean() < 0.5 * theirs[:, :5].mean()
 
 
+@pytest.mark.parametrize("orientation", [1, 6])  # as stored; turned a quarter by EXIF
+def test_a_jpeg_decoded_at_a_draft_scale_gets_an_overlay_of_its_full_size(tmp_path, orientation):
+    tagger = load_tagger(write_tiny_checkpoint(tmp_path / "t.safetensors"))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = photo_bytes((320, 240), exif=exif.tobytes())
+    image = tagger.photo(data)
+    upright = (320, 240) if orientation == 1 else (240, 320)
+    assert max(image.size) < 320  # decoded at a draft scale (the tiny model reads 36 px)
+    tagger.write_overlay(data, tmp_path / "o.png")
+    assert Image.open(tmp_path / "o.png").size == upright
+
+
 def test_a_photo_overlay_maps_the_grid_inside_the_crop_only():
     heatmap = Heatmap(np.ones((4, 4), dtype=np.float32), "x", 1.0)
     full = on_photo(heatmap, (300, 100), Preprocess(resize=50, crop=40))
