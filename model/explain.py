@@ -27,6 +27,7 @@ Library tagging writes overlays with :func:`write_overlay`.
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 from collections.abc import Callable
@@ -251,11 +252,12 @@ def region(size: tuple[int, int], preprocess: Preprocess) -> tuple[float, float,
     return left / width, top / height, right / width, bottom / height
 
 
-def _colormap(values: np.ndarray) -> np.ndarray:
-    """(H, W) in [0, 1] -> (H, W, 3) uint8, matplotlib's "turbo" (blue, cold; red, hot)."""
+@functools.cache
+def _turbo() -> np.ndarray:
+    """matplotlib's "turbo" colour map (blue, cold; red, hot) as a (256, 3) float32 table."""
     from matplotlib import colormaps  # already a dependency (model/plots.py); no pyplot
 
-    return (colormaps["turbo"](values)[..., :3] * 255).astype(np.uint8)
+    return (colormaps["turbo"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
 
 
 def overlay(
@@ -284,7 +286,8 @@ def overlay(
     seen[top:bottom, left:right] = True
     base = np.where(seen[..., None], base, base * 0.35)
     alpha = (0.15 + 0.55 * values)[..., None] * seen[..., None]  # (H, W, 1)
-    mixed = base * (1 - alpha) + _colormap(values).astype(np.float32) * alpha
+    colours = _turbo()[np.rint(values * 255).astype(np.uint8)]  # (H, W, 3)
+    mixed = base * (1 - alpha) + colours * alpha
     return Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
 
 
@@ -293,7 +296,9 @@ def overlay_png(
 ) -> bytes:
     """:func:`overlay` encoded as PNG."""
     buffer = io.BytesIO()
-    overlay(photo, heatmap, preprocess, max_side).save(buffer, format="PNG", compress_level=3)
+    overlay(photo, heatmap, preprocess, max_side).save(
+        buffer, format="PNG", compress_level=1
+    )  # 60 ms, not 300, for 5% more bytes
     return buffer.getvalue()
 
 
