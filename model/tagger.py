@@ -71,8 +71,8 @@ class Tagger:
         self.path = checkpoint.path
         self.runtime = runtime
         # the weights, for the torch copy explanations build when first asked (the runtime's
-        # network may have no gradients: OpenVINO); the tensors the card was loaded with
-        self._checkpoint = checkpoint
+        # network may have no gradients: OpenVINO); let go once that copy holds them
+        self._checkpoint: Checkpoint | None = checkpoint
         self._explainer: Explainer | None = None
         self._explainer_lock = threading.Lock()
 
@@ -198,11 +198,13 @@ class Tagger:
         first call (one forward pass to find its feature layer), then kept."""
         with self._explainer_lock:
             if self._explainer is None:
+                assert self._checkpoint is not None
                 self._explainer = Explainer(
                     self._checkpoint.build_model("cpu"),
                     self.card.preprocess,
                     self.card.temperature,
                 )
+                self._checkpoint = None
             return self._explainer
 
     def target(self, label: str, view: View = "tags") -> Target:
