@@ -6,7 +6,7 @@ What the routes cannot say by themselves, and is set here:
 - security: the schemes are declared, with the 401, on exactly the paths that need a key
   (app.auth.needs_key); a server without PHOTOTAG_API_KEYS declares none;
 - the upload limits: most photos per request (PHOTOTAG_MAX_FILES) and largest body
-  (PHOTOTAG_MAX_BODY_BYTES);
+  (PHOTOTAG_MAX_BODY_BYTES, for /v1/explain too);
 - the answers any request can get, whatever its route: 413 (a body over the limit), 431 (a request
   head over PHOTOTAG_MAX_HEADER_BYTES), 503 (over PHOTOTAG_MAX_CONNECTIONS, with Retry-After);
 - 422 is the one error shape, never FastAPI's default validation body (app.errors answers every
@@ -96,14 +96,20 @@ def served_contract(schema: dict[str, Any], settings: Settings) -> dict[str, Any
         components.pop("securitySchemes", None)
     for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, never sent
         components.get("schemas", {}).pop(unused, None)
-    upload = schema["paths"]["/v1/tags"]["post"]["requestBody"]
-    _limit_uploads(upload, settings)
+    _limit_uploads(schema["paths"]["/v1/tags"]["post"]["requestBody"], settings)
+    _limit_body(schema["paths"]["/v1/explain"]["post"]["requestBody"], settings)
     return schema
 
 
 def _is_fastapi_validation_error(response: dict[str, Any] | None) -> bool:
     schema = (response or {}).get("content", {}).get("application/json", {}).get("schema", {})
     return schema.get("$ref", "").endswith("/HTTPValidationError")
+
+
+def _limit_body(body: dict[str, Any], settings: Settings) -> None:
+    body["description"] += (
+        f" At most {settings.max_body_bytes} bytes of body (PHOTOTAG_MAX_BODY_BYTES; more: 413)."
+    )
 
 
 def _limit_uploads(body: dict[str, Any], settings: Settings) -> None:

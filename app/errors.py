@@ -72,6 +72,24 @@ class Overloaded(ApiError):
         )
 
 
+class ExplainOverloaded(ApiError):
+    """Every explanation thread is busy and the explanation queue is full."""
+
+    def __init__(self, admitted: int, limit: int):
+        super().__init__(
+            503,
+            "overloaded",
+            f"the server is busy explaining ({admitted} explanations running or waiting, limit "
+            f"{limit}: PHOTOTAG_EXPLAIN_CONCURRENCY + PHOTOTAG_EXPLAIN_QUEUE); retry shortly",
+            _retry(1),
+        )
+
+
+class UnknownTag(ApiError):
+    def __init__(self, message: str):
+        super().__init__(422, "unknown_tag", message)
+
+
 class InferenceTimeout(ApiError):
     def __init__(self, seconds: float):
         super().__init__(

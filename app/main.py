@@ -19,6 +19,7 @@ from app.access import RequestContextMiddleware
 from app.batcher import Batcher
 from app.contract import install_contract
 from app.errors import install_error_handlers
+from app.explain import ExplainPool, explain_api
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import Metrics
 from app.pipeline import Decoder
@@ -67,11 +68,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            expose_headers=["X-Request-ID", "Retry-After", "X-Tag", "X-Tag-Probability"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
     app.include_router(api)
+    app.include_router(explain_api)
     app.include_router(ops)
     app.include_router(page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -103,6 +105,9 @@ async def serving(
         metrics,
         settings.jpeg_reducing_gap,
     )
+    explainer = ExplainPool(
+        settings.explain_concurrency, settings.explain_queue, settings.request_timeout_s
+    )
     watcher = None
     if settings.reload_interval_s > 0:
         watcher = asyncio.get_running_loop().create_task(registry.watch(), name="reload")
@@ -112,13 +117,19 @@ async def serving(
         plan.max_batch_wait_s * 1000,
     )
     try:
-        yield {"registry": registry, "batcher": batcher, "decoder": decoder}
+        yield {
+            "registry": registry,
+            "batcher": batcher,
+            "decoder": decoder,
+            "explainer": explainer,
+        }
     finally:
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await batcher.close()
+        await asyncio.get_running_loop().run_in_executor(None, explainer.close)
         decoder.close()
         log.info("stopped: queue drained")
 

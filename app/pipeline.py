@@ -7,10 +7,13 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+from PIL import Image
 
 from app.batcher import Batcher
 from app.errors import ApiError, DecodeTimeout, photo_error
@@ -19,6 +22,8 @@ from model.imageio import PhotoError
 from model.tagger import Prepared, Tag, Tagger
 
 log = logging.getLogger("phototag.pipeline")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,10 +56,18 @@ class Decoder:
     async def prepare(self, data: bytes, tagger: Tagger) -> Prepared:
         """The photo prepared for ``tagger`` (:meth:`model.tagger.Tagger.prepare`: its pixels
         and people tags); raises ApiError for a photo it cannot take."""
+        return await self._submit(self._decode, data, tagger)
+
+    async def image(self, data: bytes, tagger: Tagger) -> Image.Image:
+        """The upright RGB photo as ``tagger`` reads it (an explanation draws on it), decoded
+        under the same limits; raises ApiError for a photo it cannot take."""
+        return await self._submit(self._decode_image, data, tagger)
+
+    async def _submit(self, decode: Callable[[bytes, Tagger], T], data: bytes, tagger: Tagger) -> T:
         loop = asyncio.get_running_loop()
         await self._free.acquire()
         context = contextvars.copy_context()  # the request id follows the photo into its thread
-        future = self._executor.submit(context.run, self._decode, data, tagger)
+        future = self._executor.submit(context.run, decode, data, tagger)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._free.release))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.max_seconds)
@@ -75,6 +88,12 @@ class Decoder:
             raise photo_error(error) from None
         self.metrics.decode.observe(time.perf_counter() - started)
         return prepared
+
+    def _decode_image(self, data: bytes, tagger: Tagger) -> Image.Image:
+        try:
+            return tagger.photo(data, max_pixels=self.max_pixels, reducing_gap=self.reducing_gap)
+        except PhotoError as error:
+            raise photo_error(error) from None
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -163,3 +163,48 @@ class ModelInfo(BaseModel):
 
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
+
+
+class Region(BaseModel):
+    """Where the grid lies on the photo, as fractions of its width and height: the part the
+    network saw (its center crop)."""
+
+    left: float = Field(ge=0, le=1, examples=[0.17])
+    top: float = Field(ge=0, le=1, examples=[0.0625])
+    right: float = Field(ge=0, le=1, examples=[0.827])
+    bottom: float = Field(ge=0, le=1, examples=[0.9375])
+
+
+class ExplainResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {
+                        "id": "default",
+                        "name": "imagenet-efficientnet-lite0",
+                        "version": "5e8d7dcba80b",
+                    },
+                    "filename": "cat.jpg",
+                    "tag": {"label": "cat", "probability": 0.86, "path": ["animal", "cat"]},
+                    "method": "hirescam",
+                    "grid": [[0.0, 0.3, 0.1], [0.2, 1.0, 0.6], [0.0, 0.4, 0.1]],
+                    "region": {"left": 0.17, "top": 0.0625, "right": 0.827, "bottom": 0.9375},
+                }
+            ]
+        }
+    )
+    model: ModelRef
+    filename: str | None = Field(description="The upload's file name, when it had one.")
+    tag: Tag = Field(description="The tag explained, with its probability for this photo.")
+    method: str = Field(
+        description="How the grid was computed: hirescam (a Grad-CAM family method on the "
+        "network's last feature map).",
+        examples=["hirescam"],
+    )
+    grid: list[list[float]] = Field(
+        description="The heatmap: rows from top to bottom, each from left to right, one cell "
+        "per position of the network's last feature map; 1 where the evidence for the tag is "
+        "strongest, 0 where there is none.",
+    )
+    region: Region = Field(description="Where the grid lies on the photo.")

@@ -91,6 +91,20 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Longest a photo waits for inference (queue + forward), 503."
     )
 
+    # --- explanations (POST /v1/explain)
+    explain_concurrency: int = Field(
+        1,
+        ge=1,
+        description="Explanations computed at once, each on its own thread with a torch copy of "
+        "the network on the CPU, never on the inference thread.",
+    )
+    explain_queue: int = Field(
+        4,
+        ge=0,
+        description="Explanations that may wait for a free thread; beyond them a request gets "
+        "503 overloaded at once (Retry-After), before its photo is decoded.",
+    )
+
     # --- uploads
     max_body_bytes: int = Field(
         50 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond it)."

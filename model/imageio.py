@@ -17,6 +17,9 @@ from PIL import Image, ImageOps
 _WHITE = (255, 255, 255)
 
 
+FULL_SIZE = "phototag_full_size"  # the key in a decoded image's info: see :func:`full_size`
+
+
 def upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag, so a phone photo is seen as the phone showed it.
 
@@ -140,6 +143,7 @@ def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[fmt])
             _check_pixels(image, max_pixels)
+            full_size = image.size
             if fmt == "JPEG" and draft_size:
                 image.draft("RGB", (draft_size, draft_size))
             image.load()  # first frame only, for animations
@@ -153,7 +157,17 @@ def decode(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> Im
         raise PhotoError(
             "invalid_image", f"the {fmt} data could not be decoded (truncated or corrupt?): {exc}"
         ) from None
-    return to_rgb(upright(image))
+    decoded_size = image.size
+    result = to_rgb(upright(image))
+    turned = result.size != decoded_size  # a quarter turn by the EXIF orientation
+    # what the photo measures upright at full scale, for drawings on it (explanations)
+    result.info[FULL_SIZE] = full_size[::-1] if turned else full_size
+    return result
+
+
+def full_size(image: Image.Image) -> tuple[int, int]:
+    """The upright size of the photo ``image`` was decoded from (a JPEG draft is smaller)."""
+    return tuple(image.info.get(FULL_SIZE, image.size))
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:

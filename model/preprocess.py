@@ -137,6 +137,29 @@ def resize_and_crop(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     return center_crop(resize(image, pre), pre)
 
 
+def crop_box(size: tuple[int, int], pre: Preprocess) -> tuple[float, float, float, float]:
+    """The part of an image of ``size`` (width, height) that :func:`resize_and_crop` keeps, as
+    (left, top, right, bottom) in that image's pixels: the same steps (aspect limit, resize,
+    center crop) applied to the coordinates, so a map over the crop (an explanation's heatmap)
+    lands where the network looked."""
+    width, height = size
+    short = min(width, height)
+    kept_w, kept_h = min(width, MAX_ASPECT * short), min(height, MAX_ASPECT * short)
+    left0, top0 = (width - kept_w) // 2, (height - kept_h) // 2  # limit_aspect's crop
+    long = max(kept_w, kept_h)
+    new_long = int(pre.resize * long / short)
+    resized = (pre.resize, new_long) if kept_w <= kept_h else (new_long, pre.resize)
+    scale_x, scale_y = kept_w / resized[0], kept_h / resized[1]
+    left = round((resized[0] - pre.crop) / 2.0)
+    top = round((resized[1] - pre.crop) / 2.0)
+    return (
+        left0 + left * scale_x,
+        top0 + top * scale_y,
+        left0 + (left + pre.crop) * scale_x,
+        top0 + (top + pre.crop) * scale_y,
+    )
+
+
 def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 (or uint8-valued) (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` per channel,
     in the same operations as torchvision's ``ToDtype(scale=True)`` + ``Normalize`` (bit for

@@ -8,14 +8,16 @@ The server, library tagging and any other caller share this pipeline::
 
 The server splits the same steps over its threads: :meth:`Tagger.pixels` on decode threads,
 :meth:`Tagger.probabilities` for a whole batch on its inference thread, :meth:`Tagger.tags` per
-photo.
+photo. Why a photo got a tag: :meth:`Tagger.explain` (a heatmap, see ``model/explain.py``) and
+:meth:`Tagger.write_overlay` (the heatmap drawn on the photo, as a PNG file).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +27,7 @@ from PIL import Image
 from model import imageio
 from model.checkpoint import Checkpoint, ModelCard
 from model.checkpoint import load as load_checkpoint
+from model.explain import Explainer, Heatmap, Target, class_target, vocabulary_target, write_overlay
 from model.people import FaceDetector, people_tags
 from model.preprocess import normalize, resize_and_crop
 from model.runtime import Runtime, RuntimeChoice, create_runtime
@@ -67,10 +70,18 @@ class Tag:
     path: tuple[str, ...] | None = None  # from the top category down; None for a raw class
 
 
+class UnknownTag(KeyError):
+    """A tag the model does not know; the message says where to find the ones it does."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class Tagger:
     """The network of one checkpoint, ready to turn photos into tags.
 
-    Not thread-safe by itself: the server runs every forward pass on its one inference thread."""
+    Not thread-safe by itself: the server runs every forward pass on its one inference thread.
+    Explanations are (:meth:`explain`): they run on their own torch copy of the network."""
 
     def __init__(
         self, checkpoint: Checkpoint, runtime: Runtime, people: FaceDetector | None = None
@@ -85,6 +96,11 @@ class Tagger:
         self.file_digest = checkpoint.file_digest
         self.path = checkpoint.path
         self.runtime = runtime
+        # the weights, for the torch copy explanations build when first asked (the runtime's
+        # network may have no gradients: OpenVINO); let go once that copy holds them
+        self._checkpoint: Checkpoint | None = checkpoint
+        self._explainer: Explainer | None = None
+        self._explainer_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -129,6 +145,22 @@ class Tagger:
         ``reducing_gap`` times the resize size; None (0) decodes in full."""
         return round(self.card.preprocess.resize * reducing_gap) or None
 
+    def photo(
+        self,
+        data: bytes,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        reducing_gap: float = DEFAULT_REDUCING_GAP,
+    ) -> Image.Image:
+        """Photo bytes -> the upright RGB image this model reads (a JPEG at its draft scale).
+        Raises :class:`model.imageio.PhotoError` for bytes it will not take."""
+        draft = self.draft_size(reducing_gap)
+        return imageio.decode(data, max_pixels=max_pixels, draft_size=draft)
+
+    def crop(self, image: Image.Image) -> torch.Tensor:
+        """A decoded photo -> uint8 (3, crop, crop), resized and cropped as the checkpoint says."""
+        return resize_and_crop(image, self.card.preprocess)
+
     def pixels(
         self,
         data: bytes,
@@ -139,8 +171,7 @@ class Tagger:
         """Photo bytes -> uint8 (3, crop, crop), resized and cropped as the checkpoint says.
         Pillow only (no torch kernels), so it can run on threads beside the network. Raises
         :class:`model.imageio.PhotoError` for bytes it will not take."""
-        image = self._decode(data, max_pixels, reducing_gap)
-        return resize_and_crop(image, self.card.preprocess)
+        return self.crop(self.photo(data, max_pixels=max_pixels, reducing_gap=reducing_gap))
 
     def prepare(
         self,
@@ -152,7 +183,7 @@ class Tagger:
         """Photo bytes -> what :meth:`probabilities` and :meth:`tags` need of the photo: its
         pixels (:meth:`pixels`) and, when people tags are on, the people tags of the faces found
         on the same decoded photo. Runs on threads beside the network, like :meth:`pixels`."""
-        image = self._decode(data, max_pixels, reducing_gap)
+        image = self.photo(data, max_pixels=max_pixels, reducing_gap=reducing_gap)
         people: tuple[Tag, ...] = ()
         if self.people is not None:
             faces = self.people.detect(image)
@@ -160,11 +191,7 @@ class Tagger:
                 Tag(t.label, t.probability, ("people", t.label))
                 for t in people_tags(faces, image.size)
             )
-        return Prepared(resize_and_crop(image, self.card.preprocess), people)
-
-    def _decode(self, data: bytes, max_pixels: int, reducing_gap: float) -> Image.Image:
-        draft = self.draft_size(reducing_gap)
-        return imageio.decode(data, max_pixels=max_pixels, draft_size=draft)
+        return Prepared(self.crop(image), people)
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 pixels (normalised here, on the device) -> (B, num_classes)
@@ -220,6 +247,63 @@ class Tagger:
             for p, i in zip(values.tolist(), indices.tolist(), strict=True)
             if keep[i]
         ]
+
+    # ---- why this tag
+
+    def explainer(self) -> Explainer:
+        """The torch copy of the network on the CPU that explanations run on: built on the
+        first call (one forward pass to find its feature layer), then kept."""
+        with self._explainer_lock:
+            if self._explainer is None:
+                assert self._checkpoint is not None
+                self._explainer = Explainer(
+                    self._checkpoint.build_model("cpu"),
+                    self.card.preprocess,
+                    self.card.temperature,
+                )
+                self._checkpoint = None
+            return self._explainer
+
+    def target(self, label: str, view: View = "tags") -> Target:
+        """What explaining ``label`` differentiates: a vocabulary tag (``view="tags"``) through
+        the classes it gathers, a raw class (``view="classes"``, or a checkpoint without a
+        vocabulary) through its logit. Raises :class:`UnknownTag`."""
+        if view == "tags" and self.vocabulary is not None:
+            labels = [t.label for t in self.vocabulary.tags]
+            if label in labels:
+                return vocabulary_target(self.vocabulary, labels.index(label), self.card.task)
+            kind = "vocabulary tag"
+        else:
+            labels = self.classes
+            if label in labels:
+                target = class_target(self.classes, self.classes.index(label), self.card.task)
+                # the classes are the tags: a one-element path, as :meth:`tags` gives them
+                return target if view == "classes" else replace(target, path=(label,))
+            kind = "class"
+        examples = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+        raise UnknownTag(f"the model has no {kind} {label!r} (it has {len(labels)}: {examples})")
+
+    def explain(self, pixels: torch.Tensor, tag: str | None = None, view: View = "tags") -> Heatmap:
+        """uint8 (3, crop, crop) -> where the evidence for ``tag`` is (default: the photo's top
+        tag, the first :meth:`tags` returns, else its most probable tag of all). Thread-safe."""
+        explainer = self.explainer()
+        target = None if tag is None else self.target(tag, view)  # refused before any work
+        forward = explainer.forward(pixels)
+        if target is None:
+            probabilities = forward.probabilities(self.card.task)
+            top = self.tags(probabilities, 1, None, view) or self.tags(probabilities, 1, 0.0, view)
+            target = self.target(top[0].label, view)
+        return explainer.heatmap(forward, target)
+
+    def write_overlay(
+        self, data: bytes, path: str | Path, tag: str | None = None, view: View = "tags"
+    ) -> Heatmap:
+        """Photo bytes -> the heatmap of ``tag`` (default: the top tag) drawn on the photo, as a
+        PNG written atomically to ``path``; returns the heatmap."""
+        image = self.photo(data)
+        heatmap = self.explain(self.crop(image), tag, view)
+        write_overlay(path, image, heatmap, self.card.preprocess)
+        return heatmap
 
     # ---- all at once
 

@@ -1,5 +1,7 @@
 // The upload page: pick or drop photos, each is sent to POST /v1/tags on its own (the server
-// batches concurrent photos anyway) and shown with its tags as probability bars.
+// batches concurrent photos anyway) and shown with its tags as probability bars. Clicking a tag
+// asks POST /v1/explain (Accept: image/png) why, and shows the heatmap over the photo; clicking
+// it again shows the photo.
 "use strict";
 
 const KEY_STORAGE = "phototag.apiKey";
@@ -53,6 +55,7 @@ function addCard(file) {
   card.querySelector(".filename").title = file.name;
   const img = card.querySelector("img");
   img.src = URL.createObjectURL(file);
+  img.dataset.photo = img.src;
   img.onerror = () => img.replaceWith(Object.assign(document.createElement("span"), {
     className: "no-preview", textContent: "no preview",
   }));
@@ -60,7 +63,49 @@ function addCard(file) {
   return card;
 }
 
-function showTags(card, result, model) {
+async function explainTag(card, item, file, model, label) {
+  const img = card.querySelector(".thumb img");
+  const why = card.querySelector(".why");
+  const active = item.classList.contains("explained");
+  for (const other of card.querySelectorAll(".tag.explained")) {
+    other.classList.remove("explained");
+    other.setAttribute("aria-pressed", "false");
+  }
+  if (img && img.dataset.heatmap) URL.revokeObjectURL(img.dataset.heatmap);
+  if (img) { img.src = img.dataset.photo; delete img.dataset.heatmap; img.classList.remove("heatmap"); }
+  card.classList.remove("explaining");
+  why.textContent = "";
+  if (active) return;  // a second click on the same tag: back to the photo
+  item.classList.add("explained");
+  item.setAttribute("aria-pressed", "true");
+  why.textContent = `finding where “${label}” is…`;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const params = new URLSearchParams({ tag: label, model: model.id });
+  try {
+    const response = await fetch(`/v1/explain?${params}`, {
+      method: "POST", body: form, headers: { ...authHeaders(), Accept: "image/png" },
+    });
+    if (!item.classList.contains("explained")) return;  // another click came first
+    if (!response.ok) {
+      why.textContent = await errorText(response);
+      return;
+    }
+    const url = URL.createObjectURL(await response.blob());
+    if (img) {
+      img.src = url;
+      img.dataset.heatmap = url;
+      img.dataset.tag = label;
+      img.classList.add("heatmap");
+      card.classList.add("explaining");
+    }
+    why.textContent = `where the network saw “${label}”`;
+  } catch (error) {
+    why.textContent = `network error: ${error.message}`;
+  }
+}
+
+function showTags(card, result, model, file) {
   const list = card.querySelector(".tags");
   if (result.error) {
     card.classList.add("failed");
@@ -80,6 +125,16 @@ function showTags(card, result, model) {
     item.querySelector(".bar span").style.width = `${percent}%`;
     item.querySelector(".tag-value").textContent = `${percent}%`;
     item.dataset.probability = tag.probability;
+    if (file) {
+      item.tabIndex = 0;
+      item.setAttribute("role", "button");
+      item.setAttribute("aria-pressed", "false");
+      item.title = `Why “${tag.label}”? Click to see where in the photo`;
+      item.addEventListener("click", () => explainTag(card, item, file, model, tag.label));
+      item.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") { event.preventDefault(); item.click(); }
+      });
+    }
     return item;
   }));
 }
@@ -97,7 +152,7 @@ async function tagOne(file) {
       return;
     }
     const body = await response.json();
-    showTags(card, body.results[0], body.model);
+    showTags(card, body.results[0], body.model, file);
   } catch (error) {
     showTags(card, { error: { message: `network error: ${error.message}` } });
   }

@@ -1,5 +1,5 @@
 """The upload page in a real headless browser (Debian's chromium, driven by Playwright): pick or
-drop a photo, see its tags as bars, choose the model, use an API key."""
+drop a photo, see its tags as bars, choose the model, use an API key, click a tag to see why."""
 
 from __future__ import annotations
 
@@ -181,6 +181,39 @@ def test_the_page_works_with_an_api_key_kept_in_local_storage(browser, models, t
         page.fill("#api-key", "wrong")
         page.dispatch_event("#api-key", "change")
         page.wait_for_selector("#status.error")
+
+
+def test_clicking_a_tag_shows_its_heatmap_over_the_photo(browser, models, tmp_path):
+    settings = Settings(models_dir=models, device="cpu", api_keys=["s3cret"])
+    with Server(settings) as server:
+        page = browser.new_page(viewport={"width": 1100, "height": 640})
+        explained: list[str] = []
+        page.on(
+            "request",
+            lambda r: explained.append(r.url) if "/v1/explain" in r.url else None,
+        )
+        page.goto(server.url + "/")
+        page.fill("#api-key", "s3cret")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#model option[value='colours']", state="attached")
+        page.select_option("#model", "colours")
+        page.set_input_files("#files", str(photos(tmp_path)[0]))  # 320 x 240
+        page.wait_for_selector(".result .tag")
+        tag = page.query_selector(".result .tag")
+        label = tag.query_selector(".tag-label").inner_text()
+        tag.click()
+        page.wait_for_selector(".thumb img.heatmap")
+        img = page.query_selector(".thumb img")
+        assert img.get_attribute("data-tag") == label
+        assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [320, 240]
+        assert img.get_attribute("src").startswith("blob:")
+        assert "explained" in tag.get_attribute("class")
+        assert "where the network saw" in page.inner_text(".result .why")
+        assert explained and "model=colours" in explained[0] and "tag=" in explained[0]
+        page.screenshot(path=str(screenshot_path(tmp_path, "explain.png")), full_page=True)
+        tag.click()  # again: back to the photo
+        page.wait_for_selector(".thumb img:not(.heatmap)")
+        assert "explained" not in tag.get_attribute("class")
 
 
 def screenshot_path(tmp_path: Path, name: str) -> Path:

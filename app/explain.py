@@ -1,0 +1,258 @@
+"""POST /v1/explain: why a photo got a tag, as a heatmap (JSON grid or a PNG overlay).
+
+Explanations need gradients, so they never run on the batcher's inference thread (whose runtime
+may be OpenVINO): each runs on a torch copy of the network on the CPU (``Tagger.explainer``),
+on this module's own small pool of threads (PHOTOTAG_EXPLAIN_CONCURRENCY), behind its own
+admission limit (PHOTOTAG_EXPLAIN_QUEUE more may wait; beyond that, 503 at once, before
+decoding). /v1/tags keeps its queue, its batches and its thread to itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Literal, TypeVar, cast
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import Response
+from PIL import Image
+
+from app.auth import ApiKey
+from app.batcher import ShuttingDown
+from app.errors import ApiError, ExplainOverloaded, InferenceTimeout, UnknownTag
+from app.routes import _ERRORS, _PHOTO, DecoderDep, ServedDep, SettingsDep, _lifespan_state
+from app.schemas import ExplainResponse, Region, Tag
+from app.uploads import read_uploads
+from model import explain
+from model.explain import Heatmap
+from model.tagger import Tagger
+from model.tagger import UnknownTag as UnknownModelTag
+
+log = logging.getLogger("phototag.explain")
+
+T = TypeVar("T")
+
+# The PNG overlay is the photo as decoded, scaled down to this many pixels on its longer side
+# (a phone photo's full size would be a 20 MB PNG, and take a second to encode).
+OVERLAY_MAX_SIDE = 1024
+
+
+class ExplainPool:
+    """The threads explanations run on, and their admission: at most ``concurrency`` at once,
+    ``queue`` more waiting; a request beyond that is refused at once (503 + Retry-After)."""
+
+    def __init__(self, concurrency: int, queue: int, timeout_s: float) -> None:
+        self.limit = concurrency + queue
+        self.timeout_s = timeout_s
+        self._admitted = 0
+        self._closing = False
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="phototag-explain")
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Reserve room for one explanation before its photo is decoded (the event loop is
+        single-threaded: no lock needed)."""
+        if self._closing:
+            raise ShuttingDown()
+        if self._admitted >= self.limit:
+            raise ExplainOverloaded(self._admitted, self.limit)
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
+    async def run(self, work: Callable[..., T], *args: object) -> T:
+        """``work(*args)`` on an explanation thread, within PHOTOTAG_REQUEST_TIMEOUT_S."""
+        context = contextvars.copy_context()  # the request id follows it into its thread
+        future = self._executor.submit(context.run, work, *args)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            raise InferenceTimeout(self.timeout_s) from None
+        finally:
+            future.cancel()  # still waiting for a thread (timed out, client gone): never runs
+
+    def close(self) -> None:
+        self._closing = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def get_explain_pool(request: Request) -> ExplainPool:
+    return cast(ExplainPool, _lifespan_state(request, "explainer"))
+
+
+ExplainPoolDep = Annotated[ExplainPool, Depends(get_explain_pool)]
+
+explain_api = APIRouter(dependencies=[ApiKey])
+
+_ONE_PHOTO = {
+    "requestBody": {
+        "required": True,
+        "description": "One photo: a multipart field named `file`, or the raw body with an "
+        "`image/*` or `application/octet-stream` Content-Type. The format is read from the "
+        "bytes, as for /v1/tags.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": _PHOTO},
+                },
+                "encoding": {"file": {"contentType": "image/*"}},
+            },
+            "image/*": {"schema": _PHOTO},
+            "application/octet-stream": {"schema": _PHOTO},
+        },
+    }
+}
+_EXPLAIN_ERRORS = {
+    **_ERRORS,
+    400: {
+        **_ERRORS[400],
+        "description": _ERRORS[400]["description"] + " More than one photo (bad_request): "
+        "one photo per explanation.",
+    },
+    422: {
+        **_ERRORS[422],
+        "description": _ERRORS[422]["description"] + " A `tag` the model does not have "
+        "(unknown_tag; GET /v1/model lists its tags and classes).",
+    },
+    503: {
+        **_ERRORS[503],
+        "description": _ERRORS[503]["description"] + " Explanations have their own limit "
+        "(PHOTOTAG_EXPLAIN_CONCURRENCY running + PHOTOTAG_EXPLAIN_QUEUE waiting): overloaded.",
+    },
+}
+_PNG = {
+    200: {
+        "description": "The heatmap: JSON (a grid over the region the network saw), or with "
+        "`Accept: image/png` the photo with the heatmap drawn over it (X-Tag names the tag, "
+        "percent-encoded UTF-8, and X-Tag-Probability its probability).",
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "headers": {
+            "X-Tag": {"schema": {"type": "string"}, "description": "The tag explained."},
+            "X-Tag-Probability": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+@explain_api.post(
+    "/v1/explain",
+    response_model=ExplainResponse,
+    response_model_exclude_unset=True,
+    responses={**_PNG, **_EXPLAIN_ERRORS},
+    openapi_extra=_ONE_PHOTO,
+    summary="Why this tag: where in the photo a tag's evidence is",
+    description="A heatmap of one tag on one photo (HiResCAM, of the Grad-CAM family, on the "
+    "network's last feature map): JSON by default, the photo with the heatmap over it as a PNG "
+    "with `Accept: image/png`. Without `tag`, the photo's top tag.\n\n"
+    "`curl -F file=@cat.jpg 'localhost:8000/v1/explain?tag=cat'` or "
+    "`curl -H 'Accept: image/png' -F file=@cat.jpg localhost:8000/v1/explain -o why.png`",
+)
+async def explain_photo(
+    request: Request,
+    served: ServedDep,
+    settings: SettingsDep,
+    decoder: DecoderDep,
+    pool: ExplainPoolDep,
+    tag: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=500,
+            description="The tag to explain: a label of the model's vocabulary (or, with "
+            "`vocabulary=classes`, one of its classes); GET /v1/model lists both. Default: the "
+            "photo's top tag.",
+            examples=["cat"],
+        ),
+    ] = None,
+    vocabulary: Annotated[
+        Literal["tags", "classes"],
+        Query(description="`tags` (default): `tag` is a vocabulary tag; `classes`: a class."),
+    ] = "tags",
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response | ExplainResponse:
+    tagger = served.tagger
+    if tag is not None:
+        try:
+            tagger.target(tag, vocabulary)  # refused before the body is read
+        except UnknownModelTag as error:
+            where = f"GET /v1/model?model={served.model_id} lists them: vocabulary[].label, or "
+            where += "classes[] with ?vocabulary=classes"
+            raise UnknownTag(f"{error}; {where}") from None
+    uploads = await read_uploads(request, settings)
+    if len(uploads) > 1:
+        raise ApiError(
+            400, "bad_request", f"one photo per explanation, got {len(uploads)}: send one `file`"
+        )
+    upload = uploads[0]
+    png = wants_png(accept)
+    with pool.admit():
+        image = await decoder.image(upload.data, tagger)
+        done = await pool.run(_explain, tagger, image, tag, vocabulary, png)
+    label = done.heatmap.tag
+    if png:
+        headers = {"X-Tag": quote(label), "X-Tag-Probability": f"{done.heatmap.probability:.4f}"}
+        return Response(done.png, media_type="image/png", headers=headers)
+    left, top, right, bottom = explain.region(image.size, tagger.card.preprocess)
+    path = {"path": list(done.heatmap.path)} if done.heatmap.path else {}
+    return ExplainResponse(
+        model=served.ref(),
+        filename=upload.filename,
+        tag=Tag(label=label, probability=min(max(done.heatmap.probability, 0.0), 1.0), **path),
+        method=explain.METHOD,
+        grid=[[round(float(v), 4) for v in row] for row in done.heatmap.grid],
+        region=Region(left=left, top=top, right=right, bottom=bottom),
+    )
+
+
+@dataclass
+class _Done:
+    heatmap: Heatmap
+    png: bytes | None
+
+
+def _explain(
+    tagger: Tagger, image: Image.Image, tag: str | None, view: Literal["tags", "classes"], png: bool
+) -> _Done:
+    """On an explanation thread: crop, explain, and draw the overlay when it is wanted."""
+    heatmap = tagger.explain(tagger.crop(image), tag, view)
+    if not png:
+        return _Done(heatmap, None)
+    overlay = explain.overlay_png(image, heatmap, tagger.card.preprocess, OVERLAY_MAX_SIDE)
+    return _Done(heatmap, overlay)
+
+
+def wants_png(accept: str | None) -> bool:
+    """Whether the Accept header prefers image/png (or image/*) to JSON; JSON on a tie, and when
+    the header asks for neither."""
+    quality = {"json": -1.0, "png": -1.0}
+    for part in (accept or "").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        if media in ("image/png", "image/*"):
+            quality["png"] = max(quality["png"], q)
+        if media in ("application/json", "application/*", "*/*"):
+            quality["json"] = max(quality["json"], q)
+    return quality["png"] > 0 and quality["png"] > quality["json"]
