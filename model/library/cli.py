@@ -286,9 +286,22 @@ class ConfigurationError(ValueError):
     pass
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a caller may have replaced it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging() -> None:
+    """``phototag tag: ...`` lines on stderr."""
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("phototag tag: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -338,13 +351,16 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def _listing(args: argparse.Namespace, journal: Journal, task: str, summary: Summary) -> list:
     todo: list[Candidate] = []
     skip = {os.path.abspath(p) for p in (args.out,) if p is not None}
-    for candidate in walk(args.paths):
+    stale: list[str] = []
+    for candidate in walk(args.paths, stale):
         if candidate.path in skip:
             continue
         if journal.done(candidate, args.mode, task):
             summary.already += 1
         else:
             todo.append(candidate)
+    for path in stale:  # this run holds the journal: no other phototag tag is writing them
+        Path(path).unlink(missing_ok=True)
     return todo
 
 
@@ -398,6 +414,11 @@ def _check(args: argparse.Namespace) -> None:
             f"checkpoint not found: {args.checkpoint} (build the default one with "
             f"`python -m model.pretrained --out {args.checkpoint}`)"
         )
+    if args.xmp != "none":
+        try:
+            xmp.available()
+        except RuntimeError as exc:
+            raise ConfigurationError(str(exc)) from None
     if args.engine == "ray" and args.server:
         raise ConfigurationError("--engine ray tags with a checkpoint, not --server")
 

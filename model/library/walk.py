@@ -33,9 +33,15 @@ class Candidate:
         return (self.path, self.size, self.mtime_ns)
 
 
-def walk(roots: Iterable[str | Path]) -> Iterator[Candidate]:
+def is_stale_temp(name: str) -> bool:
+    """A sidecar's temp file (``.photo.jpg.xmp.k3j2.tmp``) that a killed run left behind."""
+    return name.startswith(".") and name.endswith(".tmp") and SIDECAR_SUFFIX + "." in name
+
+
+def walk(roots: Iterable[str | Path], stale: list[str] | None = None) -> Iterator[Candidate]:
     """Every regular, non-hidden, non-sidecar file under ``roots`` (files or folders), each
-    folder's entries in name order. Unreadable folders are logged and passed over."""
+    folder's entries in name order. Unreadable folders are logged and passed over. Sidecar temp
+    files a killed run left are added to ``stale``."""
     seen_dirs: set[tuple[int, int]] = set()
     for root in roots:
         path = os.path.abspath(root)
@@ -45,12 +51,14 @@ def walk(roots: Iterable[str | Path]) -> Iterator[Candidate]:
             log.warning("%s: cannot read (%s)", path, exc.strerror or exc)
             continue
         if stat.S_ISDIR(info.st_mode):
-            yield from _walk_dir(path, info, seen_dirs)
+            yield from _walk_dir(path, info, seen_dirs, stale)
         elif stat.S_ISREG(info.st_mode):
             yield Candidate(path, info.st_size, info.st_mtime_ns)
 
 
-def _walk_dir(top: str, info: os.stat_result, seen: set[tuple[int, int]]) -> Iterator[Candidate]:
+def _walk_dir(
+    top: str, info: os.stat_result, seen: set[tuple[int, int]], stale: list[str] | None
+) -> Iterator[Candidate]:
     stack = [(top, info)]
     while stack:
         folder, folder_info = stack.pop()
@@ -67,6 +75,8 @@ def _walk_dir(top: str, info: os.stat_result, seen: set[tuple[int, int]]) -> Ite
         subfolders = []
         for entry in entries:
             if entry.name.startswith(".") or entry.name.lower().endswith(SIDECAR_SUFFIX):
+                if stale is not None and is_stale_temp(entry.name):
+                    stale.append(entry.path)
                 continue
             try:
                 entry_info = entry.stat()  # follows symlinks

@@ -78,7 +78,13 @@ def machine_tags(paths: Iterable[Sequence[str]], root: str, model: str) -> Machi
 
 
 def _xmp():  # Exempi is loaded on first use: the server never needs it
-    import libxmp
+    try:
+        import libxmp
+    except Exception as exc:  # libxmp raises its ExempiLoadError where libexempi is missing
+        raise RuntimeError(
+            f"XMP needs the Exempi library ({exc}): apt-get install libexempi8 (Debian, "
+            "Ubuntu), brew install exempi (macOS), or use --xmp none with --out"
+        ) from None
     from libxmp import XMPMeta
 
     XMPMeta.register_namespace(NS_LR, "lr")
@@ -88,6 +94,11 @@ def _xmp():  # Exempi is loaded on first use: the server never needs it
 
 
 # ---- packets
+
+
+def available() -> None:
+    """Raises RuntimeError, saying what to install, where Exempi cannot be loaded."""
+    _xmp()
 
 
 def check_packet(data: bytes, what: str) -> str:
@@ -157,6 +168,10 @@ def merge(meta, tags: MachineTags | None, root: str) -> None:
     old_root = meta.get_property(NS_PHOTOTAG, "root") if _has(meta, "root") else root
     roots = {root, old_root}
     added_before = set(_items(meta, NS_PHOTOTAG, "keywords"))
+    # everything of ours goes first and is set again last, in one order: a file is the same
+    # however often it was rewritten (a resumed run rewrites what a killed one had written)
+    for name in ("keywords", "root", "model"):
+        _set_or_delete(meta, name, None)
     flat = [k for k in _items(meta, NS_DC, "subject") if k not in added_before]
     lightroom = [k for k in _items(meta, NS_LR, "hierarchicalSubject") if not _under(k, roots, "|")]
     digikam = [k for k in _items(meta, NS_DIGIKAM, "TagsList") if not _under(k, roots, "/")]
@@ -226,28 +241,19 @@ def update_sidecar(photo: str | Path, tags: MachineTags | None, root: str) -> di
         return {"path": str(path), "action": "none"}
     text = check_packet(read_limited(path, what), what) if exists else None
     meta = parse(text, what)
-    created = not exists or _has(meta, "created")
+    created = not exists or _has(meta, "created")  # phototag made this file
+    _set_or_delete(meta, "created", None)
     merge(meta, tags, root)
-    if tags is None and created and _only_created_mark(meta):
+    if tags is None and created and _is_empty(meta):
         path.unlink()
         return {"path": str(path), "action": "deleted"}
-    if not exists:
-        meta.set_property(NS_PHOTOTAG, "created", "True")
+    _set_or_delete(meta, "created", "True" if created else None)
     try:
         atomic_write_bytes(path, serialize(meta))
     except OSError as exc:
         raise XmpError("xmp_unwritable", f"{what}: {exc.strerror or exc}") from None
     action = "created" if not exists else ("removed" if tags is None else "updated")
     return {"path": str(path), "action": action}
-
-
-def _only_created_mark(meta) -> bool:
-    if _has(meta, "created"):
-        meta.delete_property(NS_PHOTOTAG, "created")
-        empty = _is_empty(meta)
-        meta.set_property(NS_PHOTOTAG, "created", "True")
-        return empty
-    return _is_empty(meta)
 
 
 # ---- embedded (opt-in: the photo file itself changes)
