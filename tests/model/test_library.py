@@ -67,8 +67,10 @@ def exiftool(path: Path) -> dict:
         pytest.skip("needs exiftool (apt-get install libimage-exiftool-perl)")
     out = subprocess.run(
         [EXIFTOOL, "-j", "-G1", "-struct", "-XMP:all", str(path)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)[0]
 
 
@@ -100,8 +102,9 @@ def test_corrupt_photos_are_listed_with_a_reason_and_the_run_goes_on(
     (lib / "cut.jpg").write_bytes(photo_bytes((200, 150))[:300])
     (lib / "bomb.png").write_bytes(photo_bytes((100, 100), fmt="PNG"))
     out = tmp_path / "tags.jsonl"
-    code = tag(lib, "--out", out, "--max-pixels", "5000", "--people", "off",
-               checkpoint=tiny_checkpoint)  # fmt: skip
+    code = tag(
+        lib, "--out", out, "--max-pixels", "5000", "--people", "off", checkpoint=tiny_checkpoint
+    )
     assert code == 0
     rows = {Path(r["path"]).name: r for r in rows_of(out)}
     assert rows["cut.jpg"]["status"] == "error"
@@ -178,12 +181,17 @@ def test_a_rerun_replaces_the_machine_tags_and_never_a_persons_keywords(tmp_path
     # "red" was the person's before it was a tag: kept, and never listed as the machine's
     assert sorted(as_list(meta["XMP-dc:Subject"])) == ["blue", "green", "holiday", "red"]
     assert sorted(as_list(meta["XMP-lr:HierarchicalSubject"])) == [
-        "auto|blue", "auto|green", "auto|red", "places|Paris",
-    ]  # fmt: skip
+        "auto|blue",
+        "auto|green",
+        "auto|red",
+        "places|Paris",
+    ]
     assert as_list(meta["XMP-digiKam:TagsList"])[0] == "places/Paris"
     assert sorted(as_list(meta["XMP-digiKam:TagsList"])[1:]) == [
-        "auto/blue", "auto/green", "auto/red",
-    ]  # fmt: skip
+        "auto/blue",
+        "auto/green",
+        "auto/red",
+    ]
     # second model's name and version
     assert "tiny" in meta["XMP-phototag:Model"]
     assert tag(photo, "--mode", "remove") == 0
@@ -200,8 +208,11 @@ def test_sidecar_fields_their_array_types_and_the_apps_readings_agree(tmp_path, 
     assert tag(photo, "--root", "phototag", "--people", "off", checkpoint=tiny_checkpoint) == 0
     sidecar = tmp_path / "a.jpg.xmp"
     text = sidecar.read_text()
-    for field, array in (("dc:subject", "Bag"), ("lr:hierarchicalSubject", "Bag"),
-                         ("digiKam:TagsList", "Seq")):  # fmt: skip
+    for field, array in (
+        ("dc:subject", "Bag"),
+        ("lr:hierarchicalSubject", "Bag"),
+        ("digiKam:TagsList", "Seq"),
+    ):
         start = text.index(f"<{field}>")
         assert text[start:].split(">", 2)[1].strip().startswith(f"<rdf:{array}")
     meta = exiftool(sidecar)
@@ -309,14 +320,28 @@ def test_parquet_and_json_lines_hold_the_same_rows(tmp_path, tiny_checkpoint):
     pytest.importorskip("pyarrow")
     lib = library(tmp_path / "lib", count=2)
     jsonl, parquet = tmp_path / "t.jsonl", tmp_path / "t.parquet"
-    assert tag(lib, "--out", jsonl, "--xmp", "none", "--people", "off",
-               checkpoint=tiny_checkpoint) == 0  # fmt: skip
-    assert tag(lib, "--out", parquet, "--xmp", "none", "--people", "off",
-               checkpoint=tiny_checkpoint) == 0  # fmt: skip
+    assert (
+        tag(lib, "--out", jsonl, "--xmp", "none", "--people", "off", checkpoint=tiny_checkpoint)
+        == 0
+    )
+    assert (
+        tag(lib, "--out", parquet, "--xmp", "none", "--people", "off", checkpoint=tiny_checkpoint)
+        == 0
+    )
     assert list(rows_of(jsonl)) == list(rows_of(parquet))
     row = next(rows_of(parquet))
-    assert set(row) == {"path", "size", "mtime", "mtime_ns", "sha256", "status", "model", "tags",
-                        "error", "xmp"}  # fmt: skip
+    assert set(row) == {
+        "path",
+        "size",
+        "mtime",
+        "mtime_ns",
+        "sha256",
+        "status",
+        "model",
+        "tags",
+        "error",
+        "xmp",
+    }
 
 
 def test_usage_and_configuration_errors_exit_2(tmp_path, capsys):
@@ -358,9 +383,22 @@ def test_killed_at_random_points_then_finished_equals_an_uninterrupted_run(
         return root
 
     def command(root: Path, out: Path) -> list[str]:
-        return [sys.executable, "-m", "app.cli", "tag", str(root), "--out", str(out),
-                "--checkpoint", str(tiny_checkpoint), "--batch-size", "2", "--people", "off",
-                *FAST]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "tag",
+            str(root),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--batch-size",
+            "2",
+            "--people",
+            "off",
+            *FAST,
+        ]
 
     calm, killed = build(tmp_path / "calm"), build(tmp_path / "killed")
     for root in (calm, killed):  # same mtimes: same rows
@@ -371,8 +409,9 @@ def test_killed_at_random_points_then_finished_equals_an_uninterrupted_run(
     journal = tmp_path / "killed.jsonl.journal"
     kills = 0
     for attempt in range(6):
-        process = subprocess.Popen(command(killed, tmp_path / "killed.jsonl"), cwd=REPO,
-                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen(
+            command(killed, tmp_path / "killed.jsonl"), cwd=REPO, stderr=subprocess.DEVNULL
+        )
         lines = journal.read_text().count("\n") if journal.exists() else 0
 
         # wait until this run is recording, then kill it a random moment later
@@ -412,12 +451,23 @@ def test_the_ray_engine_gives_the_local_engines_rows(tmp_path, tiny_checkpoint):
     common = ["--xmp", "none", "--people", "off", "--batch-size", "4"]
     assert tag(lib, "--out", local, *common, checkpoint=tiny_checkpoint) == 0
     ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False,
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )  # fmt: skip
+    )
     try:
-        code = tag(lib, "--out", distributed, *common, "--engine", "ray", "--workers", "1",
-                   checkpoint=tiny_checkpoint)  # fmt: skip
+        code = tag(
+            lib,
+            "--out",
+            distributed,
+            *common,
+            "--engine",
+            "ray",
+            "--workers",
+            "1",
+            checkpoint=tiny_checkpoint,
+        )
     finally:
         ray.shutdown()
     assert code == 0
@@ -427,4 +477,61 @@ def test_the_ray_engine_gives_the_local_engines_rows(tmp_path, tiny_checkpoint):
         for t, u in zip(a.pop("tags"), b.pop("tags"), strict=True):
             assert (t["label"], t["path"]) == (u["label"], u["path"])
             assert t["probability"] == pytest.approx(u["probability"], abs=1e-6)
+        assert a == b
+
+
+# ---- --server: the same rows through a running server
+
+
+def test_server_mode_posts_the_photos_and_gets_the_local_rows(tmp_path, tiny_checkpoint):
+    import socket
+    import threading
+
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(
+        checkpoint=tiny_checkpoint, device="cpu", backend="torch", autocast="off", people="off"
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 60, "the server started")
+        lib = library(tmp_path / "lib", count=3)
+        (lib / "cut.jpg").write_bytes(photo_bytes((200, 150))[:300])
+        local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+        common = ["--xmp", "none", "--batch-size", "2"]
+        assert tag(lib, "--out", local, "--people", "off", *common, checkpoint=tiny_checkpoint) == 0
+        assert (
+            main(
+                [
+                    str(lib),
+                    "--out",
+                    str(remote),
+                    "--server",
+                    f"http://127.0.0.1:{port}",
+                    "--progress",
+                    "none",
+                    *common,
+                ]
+            )
+            == 0
+        )
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    ours, theirs = list(rows_of(local)), list(rows_of(remote))
+    assert len(ours) == len(theirs) == 6
+    for a, b in zip(ours, theirs, strict=True):
+        for t, u in zip(a.pop("tags"), b.pop("tags"), strict=True):
+            assert (t["label"], t["path"]) == (u["label"], u["path"])
+            assert t["probability"] == pytest.approx(u["probability"], abs=1e-6)
+        if a["error"]:  # the server names the upload in its message
+            assert a.pop("error")["code"] == b.pop("error")["code"]
         assert a == b
