@@ -31,7 +31,13 @@ RUN pip install --no-cache-dir /src \
 
 # ---- runtime: the venv, the checkpoint and the entrypoint; no build context; not root ----
 FROM ${PYTHON_IMAGE} AS runtime
-RUN groupadd --system --gid 10001 phototag \
+# Exempi: phototag tag writes XMP sidecars through it (python-xmp-toolkit); Debian's security
+# updates, not a pinned version, are what a rebuild should get.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libexempi8 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 phototag \
     && useradd --system --uid 10001 --gid phototag --no-create-home --shell /usr/sbin/nologin \
         phototag \
     && mkdir -p /models \
