@@ -4,6 +4,7 @@
     phototag train        train a tagger on labelled photos
     phototag evaluate     measure a checkpoint on labelled photos
     phototag pretrained   build the default ImageNet checkpoint
+    phototag teach        teach a custom tag from example photos
 
 ``phototag COMMAND --help`` tells more. Each command is its module's ``main(argv)``; the
 older names (``phototag-serve``, ``phototag-train``, ...) run the same functions. Exit status: 0
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("model.train", "train a tagger on labelled photos"),
     "evaluate": ("model.evaluate", "measure a checkpoint on labelled photos"),
     "pretrained": ("model.pretrained", "build the default ImageNet checkpoint"),
+    "teach": ("model.teach", "teach a custom tag from example photos"),
 }
 
 

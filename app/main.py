@@ -18,6 +18,8 @@ from fastapi.staticfiles import StaticFiles
 from app.access import RequestContextMiddleware
 from app.batcher import Batcher
 from app.contract import install_contract
+from app.custom_tags import CustomTags
+from app.custom_tags import router as custom_tags_router
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import Metrics
@@ -42,12 +44,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     plan = settings.serving_plan()
     metrics = Metrics()
-    registry = ModelRegistry(settings, plan, metrics)
+    custom_tags = CustomTags(settings)
+    registry = ModelRegistry(settings, plan, metrics, custom_tags.store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with serving(settings, plan, metrics, registry) as state:
-            yield state
+        custom_tags.start()
+        try:
+            async with serving(settings, plan, metrics, registry) as state:
+                yield {**state, "custom_tags": custom_tags}
+        finally:
+            custom_tags.close()
 
     app = FastAPI(
         title="phototag",
@@ -65,13 +72,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
     app.include_router(api)
+    app.include_router(custom_tags_router)
     app.include_router(ops)
     app.include_router(page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -80,12 +80,12 @@ class Decoder:
 async def probabilities_for(
     uploads: list[Upload], tagger: Tagger, model_id: str, decoder: Decoder, batcher: Batcher
 ) -> list[Result]:
-    """Per upload, its (num_classes,) probabilities or the ApiError that failed it; raises the
+    """Per upload, its :class:`model.tagger.Scores` or the ApiError that failed it; raises the
     first error when every photo failed, and Overloaded at once when the queue has no room."""
     with batcher.admit(len(uploads)):
         decoded = await asyncio.gather(*(_tensor_or_error(u, tagger, decoder) for u in uploads))
         good = [i for i, item in enumerate(decoded) if isinstance(item, torch.Tensor)]
-        results: list[Result] = list(decoded)
+        results: list[Result | torch.Tensor] = list(decoded)
         if good:
             probs = await batcher.infer(tagger, [decoded[i] for i in good], model_id)
             for i, result in zip(good, probs, strict=True):
@@ -93,10 +93,12 @@ async def probabilities_for(
     errors = [r for r in results if isinstance(r, ApiError)]
     if len(errors) == len(results):
         raise errors[0]
-    return results
+    return results  # type: ignore[return-value]  # every tensor replaced by its scores
 
 
-async def _tensor_or_error(upload: Upload, tagger: Tagger, decoder: Decoder) -> Result:
+async def _tensor_or_error(
+    upload: Upload, tagger: Tagger, decoder: Decoder
+) -> torch.Tensor | ApiError:
     try:
         return await decoder.tensor(upload.data, tagger)
     except ApiError as error:

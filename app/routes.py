@@ -219,7 +219,7 @@ class TagChoice:
 def shape_result(
     filename: str | None, result: Result, tagger: Tagger, choice: TagChoice
 ) -> PhotoResult:
-    """One photo's probabilities (num_classes,) or error -> its result in the response."""
+    """One photo's scores or error -> its result in the response."""
     if isinstance(result, ApiError):
         error = {"code": result.code, "message": result.message}
         return PhotoResult(filename=filename, tags=[], error=error)
@@ -228,7 +228,7 @@ def shape_result(
         for t in tagger.tags(result, choice.top_k, choice.threshold, choice.view)
     ]  # a raw class has no path: the field stays out of the response
     if choice.include_all:
-        everything = dict(zip(tagger.classes, result.tolist(), strict=True))
+        everything = dict(zip(tagger.classes, result.probabilities.tolist(), strict=True))
         return PhotoResult(filename=filename, tags=tags, probabilities=everything)
     return PhotoResult(filename=filename, tags=tags)
 

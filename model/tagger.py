@@ -7,8 +7,9 @@ The server, library tagging and any other caller share this pipeline::
         print(tag.label, tag.probability)
 
 The server splits the same steps over its threads: :meth:`Tagger.pixels` on decode threads,
-:meth:`Tagger.probabilities` for a whole batch on its inference thread, :meth:`Tagger.tags` per
-photo.
+:meth:`Tagger.outputs` for a whole batch on its inference thread, :meth:`Tagger.tags` per
+photo. One forward pass serves every head: the classifier's probabilities, and from them the
+custom tags' (:mod:`model.custom_tags`), all of them in one matrix multiply.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Literal
 import torch
 
 from model import imageio
-from model.checkpoint import Checkpoint, ModelCard
+from model.checkpoint import Checkpoint, ModelCard, probabilities_version
 from model.checkpoint import load as load_checkpoint
+from model.custom_tags import CustomHeads, Suppressions
 from model.preprocess import normalize, resize_and_crop
 from model.runtime import Runtime, RuntimeChoice, create_runtime
 from model.vocabulary import Vocabulary
@@ -43,6 +45,27 @@ class Tag:
     path: tuple[str, ...] | None = None  # from the top category down; None for a raw class
 
 
+CUSTOM = "custom"  # the top of a custom tag's path: ("custom", name)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What one forward pass gives for a batch (B, ...) or, after :meth:`unbind`, one photo."""
+
+    probabilities: torch.Tensor  # (B, num_classes) the classifier's, on the CPU
+    custom: torch.Tensor  # (B, K) the custom tags', in the order of ``heads.names``
+    features: torch.Tensor  # (B, F) the pooled features
+    heads: CustomHeads  # the heads that scored ``custom`` (a swap later cannot mismatch them)
+
+    def unbind(self, dim: int = 0) -> list[Scores]:
+        """One :class:`Scores` per photo (what the batcher hands each request)."""
+        assert dim == 0
+        return [
+            Scores(p, c, f, self.heads)
+            for p, c, f in zip(self.probabilities, self.custom, self.features, strict=True)
+        ]
+
+
 class Tagger:
     """The network of one checkpoint, ready to turn photos into tags.
 
@@ -58,6 +81,11 @@ class Tagger:
         self.file_digest = checkpoint.file_digest
         self.path = checkpoint.path
         self.runtime = runtime
+        # custom tags are tied to this: what the probabilities their heads read depend on
+        self.probabilities_version = probabilities_version(checkpoint.card, checkpoint.state_dict)
+        # replaced whole, never changed in place: a batch reads one or the other
+        self.custom_heads = CustomHeads()
+        self.suppressions = Suppressions()
 
     @classmethod
     def load(cls, path: str | Path, choice: RuntimeChoice | None = None) -> Tagger:
@@ -113,16 +141,25 @@ class Tagger:
         """(B, 3, H, W) uint8 pixels (normalised here, on the device) -> (B, num_classes)
         probabilities on the CPU: softmax of the temperature-scaled logits, or one sigmoid per
         tag for a multi-label model."""
+        return self.outputs(batch).probabilities
+
+    def outputs(self, batch: torch.Tensor) -> Scores:
+        """(B, 3, H, W) uint8 pixels -> one forward pass's :class:`Scores`: the class
+        probabilities (as :meth:`probabilities`), every custom tag's (one (C, K) matrix
+        multiply over the batch) and the pooled features."""
+        heads = self.custom_heads  # read once: a swap during the pass waits for the next
         batch = batch.to(self.device, non_blocking=True)
-        logits = self.runtime.run(normalize(batch, self.card.preprocess)).logits
+        logits, features = self.runtime.run(normalize(batch, self.card.preprocess))
         logits = logits / self.card.temperature
         if self.card.task == "multi_label":
-            return torch.sigmoid(logits).cpu()
-        return torch.softmax(logits, dim=1).cpu()
+            probabilities = torch.sigmoid(logits).cpu()
+        else:
+            probabilities = torch.softmax(logits, dim=1).cpu()
+        return Scores(probabilities, heads.probabilities(probabilities), features.cpu(), heads)
 
     def tags(
         self,
-        probabilities: torch.Tensor,
+        probabilities: torch.Tensor | Scores,
         top_k: int = 5,
         threshold: float | None = None,
         view: View = "tags",
@@ -132,17 +169,45 @@ class Tagger:
         rolled up, each at least ``threshold`` probable (default: each tag's own threshold);
         a checkpoint without a vocabulary has its classes as tags. ``view="classes"``: the
         network's classes, at least ``threshold`` probable (default: the card's per-class
-        thresholds where it has them, else every one)."""
-        if view == "tags" and self.vocabulary is not None:
+        thresholds where it has them, else every one).
+
+        Given one photo's :class:`Scores`, ``view="tags"`` also has its custom tags (path
+        ``("custom", name)``, each at least its own threshold, or ``threshold``), ranked with the
+        others, and drops the vocabulary tags a person marked wrong on a similar photo
+        (:class:`model.custom_tags.Suppressions`); ``view="classes"`` is the raw classes only."""
+        scores = probabilities if isinstance(probabilities, Scores) else None
+        if scores is not None:
+            probabilities = scores.probabilities
+        if view == "classes":
+            return self._class_tags(probabilities, top_k, threshold)
+        if self.vocabulary is not None:
             rolled = self.vocabulary.roll_up(probabilities, self.card.task)
-            return [
+            tags = [
                 Tag(s.label, s.probability, s.path)
                 for s in self.vocabulary.select(rolled, top_k, threshold)
             ]
-        tags = self._class_tags(probabilities, top_k, threshold)
-        if view == "tags":  # the classes are the tags
-            return [Tag(t.label, t.probability, (t.label,)) for t in tags]
-        return tags
+        else:  # the classes are the tags
+            tags = [
+                Tag(t.label, t.probability, (t.label,))
+                for t in self._class_tags(probabilities, top_k, threshold)
+            ]
+        if scores is None:
+            return tags
+        wrong = self.suppressions.suppressed(scores.features)
+        tags = [t for t in tags if t.label not in wrong]
+        tags += self._custom_tags(scores, threshold)
+        return sorted(tags, key=lambda t: -t.probability)[:top_k]
+
+    @staticmethod
+    def _custom_tags(scores: Scores, threshold: float | None) -> list[Tag]:
+        heads = scores.heads
+        return [
+            Tag(name, float(p), (CUSTOM, name))
+            for name, p, own in zip(
+                heads.names, scores.custom.tolist(), heads.thresholds, strict=True
+            )
+            if p >= (own if threshold is None else threshold)
+        ]
 
     def _class_tags(
         self, probabilities: torch.Tensor, top_k: int, threshold: float | None
@@ -166,8 +231,8 @@ class Tagger:
         self, data: bytes, top_k: int = 5, threshold: float | None = None, view: View = "tags"
     ) -> list[Tag]:
         """Photo bytes -> tags, in one call (one photo, one forward pass)."""
-        probabilities = self.probabilities(self.pixels(data)[None])[0]
-        return self.tags(probabilities, top_k, threshold, view)
+        scores = self.outputs(self.pixels(data)[None]).unbind()[0]
+        return self.tags(scores, top_k, threshold, view)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Forward passes on blank batches (one per size: cuDNN picks its kernels per shape), so
