@@ -113,7 +113,7 @@ def served_contract(schema: dict[str, Any], settings: Settings) -> dict[str, Any
             settings.max_files
         )
     examples["description"] += (
-        f" At most {settings.max_files} photos per request (PHOTOTAG_MAX_FILES; more: 400)."
+        f" At most {settings.max_files} of each per request (PHOTOTAG_MAX_FILES; more: 400)."
     )
     return schema
 

@@ -191,17 +191,18 @@ _TEACH_BODY = {
     "requestBody": {
         "required": True,
         "description": "Example photos as multipart fields: `positive` (photos that have the "
-        "tag) and/or `negative` (photos that do not), each repeated as needed. All photos are "
+        "tag) and/or `negative` (photos that do not), each repeated as needed, at most "
+        "PHOTOTAG_MAX_FILES of each. All photos are "
         "read before anything is added: one that cannot be read refuses the request.",
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "positive": {"type": "array", "items": _PHOTO},
-                        "negative": {"type": "array", "items": _PHOTO},
+                        "positive": {"type": "array", "minItems": 1, "items": _PHOTO},
+                        "negative": {"type": "array", "minItems": 1, "items": _PHOTO},
                     },
-                    "minProperties": 1,
+                    "anyOf": [{"required": ["positive"]}, {"required": ["negative"]}],
                 },
                 "encoding": {
                     "positive": {"contentType": "image/*"},
@@ -314,7 +315,7 @@ async def delete_custom_tag(
     summary="Say a returned tag was right or wrong for a photo",
     description="A custom tag gets the photo as a positive (right) or negative (wrong) example "
     "and is re-fitted. A vocabulary tag marked wrong is no longer returned for this photo and "
-    "near copies of it (pooled features at least 0.9 cosine-similar), and still is for other "
+    "near copies of it (pooled features at least 0.8 cosine-similar), and still is for other "
     "photos; marked right, such marks near this photo are lifted.",
 )
 async def feedback(
@@ -417,7 +418,7 @@ async def _scores(
     return cast(list[Scores], results)
 
 
-async def _form(request: Request, settings: Settings) -> FormData:
+async def _form(request: Request, settings: Settings, max_files: int) -> FormData:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "multipart/form-data":
         raise ApiError(
@@ -425,7 +426,7 @@ async def _form(request: Request, settings: Settings) -> FormData:
             "unsupported_media_type",
             f"Content-Type {media_type or '(none)'} is not accepted: send multipart/form-data",
         )
-    return await _parse_form(request, settings)
+    return await _parse_form(request, settings, max_files)
 
 
 def _files(form: FormData, field: str) -> list[Upload]:
@@ -442,7 +443,7 @@ def _files(form: FormData, field: str) -> list[Upload]:
 
 
 async def _read_examples(request: Request, settings: Settings) -> tuple[list[Upload], list[Upload]]:
-    form = await _form(request, settings)
+    form = await _form(request, settings, 2 * settings.max_files)
     try:
         positives, negatives = _files(form, "positive"), _files(form, "negative")
     finally:
@@ -454,17 +455,18 @@ async def _read_examples(request: Request, settings: Settings) -> tuple[list[Upl
             "no example photo: send multipart fields named `positive` and/or `negative`, e.g. "
             "curl -F positive=@shrek.jpg",
         )
-    if len(positives) + len(negatives) > settings.max_files:
+    if max(len(positives), len(negatives)) > settings.max_files:
         raise ApiError(
             400,
             "bad_request",
-            f"at most {settings.max_files} photos per request (PHOTOTAG_MAX_FILES)",
+            f"at most {settings.max_files} positive and {settings.max_files} negative photos per "
+            "request (PHOTOTAG_MAX_FILES)",
         )
     return positives, negatives
 
 
 async def _read_feedback(request: Request, settings: Settings) -> tuple[Upload, str, str]:
-    form = await _form(request, settings)
+    form = await _form(request, settings, 1)
     try:
         files = _files(form, "file")
         tag, verdict = form.get("tag"), form.get("verdict")

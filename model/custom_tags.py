@@ -491,7 +491,7 @@ class CustomHeads:
 
 # ---- corrections of vocabulary tags
 
-SUPPRESSION_SIMILARITY = 0.9  # cosine of pooled features: the same photo, or a near copy of it
+SUPPRESSION_SIMILARITY = 0.8  # cosine of pooled features: the same photo or a near copy (bench)
 SUPPRESSIONS_FILE = "_suppressions.safetensors"  # "_": never a tag's name
 
 

@@ -212,8 +212,9 @@ def test_limits_on_tags_and_examples(client_for, tiny_checkpoint):
     r = teach(client, "one", positives=RED[:2], negatives=[])
     assert r.status_code == 409 and "at most 9" in r.json()["error"]["message"]
     too_many = client_for(tiny_checkpoint, max_files=3)
-    r = teach(too_many, "x")
-    assert r.status_code == 400
+    assert teach(too_many, "x", positives=RED[:3], negatives=BLUE[:3]).status_code == 200
+    r = teach(too_many, "x", positives=RED, negatives=[])  # 4 positives
+    assert r.status_code == 400 and "PHOTOTAG_MAX_FILES" in r.json()["error"]["message"]
 
 
 def test_writing_tags_needs_an_admin_key(client_for, tiny_checkpoint):
