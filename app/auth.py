@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import Depends, Request
 
-from app.errors import Unauthorized
+from app.errors import ApiError, Unauthorized
 from app.settings import Settings
 
 _HOW = "send it as `Authorization: Bearer KEY` or `X-API-Key: KEY`"
@@ -49,10 +49,41 @@ def check_api_key(settings: Settings, path: str, given: list[str]) -> None:
     if not given:
         raise Unauthorized(f"this server needs an API key: {_HOW}")
     accepted = False
-    for key in given:  # every one compared, in constant time
-        accepted |= key_matches(key, settings.api_keys)
+    for key in given:  # every one compared, in constant time; an admin key is an API key too
+        accepted |= key_matches(key, settings.api_keys + settings.admin_keys)
     if not accepted:
         raise Unauthorized(f"the API key was not accepted; {_HOW}")
+
+
+def needs_admin_key(settings: Settings) -> bool:
+    """Whether the routes that change what every client sees (custom tags, corrections) need
+    a key from PHOTOTAG_ADMIN_KEYS: whenever the server has keys at all."""
+    return bool(settings.api_keys or settings.admin_keys)
+
+
+class Forbidden(ApiError):
+    def __init__(self, message: str):
+        super().__init__(403, "forbidden", message)
+
+
+def check_admin_key(settings: Settings, given: list[str]) -> None:
+    """401 without an accepted key; 403 for an API key that is not an admin key."""
+    if not needs_admin_key(settings):
+        return
+    if not given:
+        raise Unauthorized(f"changing tags needs an admin key: {_HOW}")
+    admin = accepted = False
+    for key in given:  # every one compared, in constant time
+        admin |= key_matches(key, settings.admin_keys)
+        accepted |= key_matches(key, settings.api_keys)
+    if admin:
+        return
+    if not accepted:
+        raise Unauthorized(f"the API key was not accepted; {_HOW}")
+    raise Forbidden(
+        "this key may tag photos but not change tags: that needs a key from the server's "
+        "PHOTOTAG_ADMIN_KEYS"
+    )
 
 
 def given_keys(request: Request) -> list[str]:
@@ -71,4 +102,10 @@ async def require_api_key(request: Request) -> None:
     check_api_key(settings, request.scope["path"], given_keys(request))
 
 
+async def require_admin_key(request: Request) -> None:
+    """The guard of the routes that change what every client sees."""
+    check_admin_key(request.app.state.settings, given_keys(request))
+
+
 ApiKey = Depends(require_api_key)
+AdminKey = Depends(require_admin_key)

@@ -30,17 +30,18 @@ from app.errors import (
     OutOfMemory,
     Overloaded,
 )
+from model.tagger import Scores
 
 log = logging.getLogger("phototag.batcher")
 
-Result = torch.Tensor | ApiError
+Result = Scores | ApiError
 
 
 class Tagger(Protocol):
     """What the batcher needs of a :class:`model.tagger.Tagger`."""
 
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, num_classes)."""
+    def outputs(self, batch: torch.Tensor) -> Scores:
+        """(B, 3, H, W) -> the batch's scores; ``.unbind(0)`` splits them per photo."""
         ...
 
 
@@ -122,7 +123,7 @@ class Batcher:
     async def infer(
         self, tagger: Tagger, tensors: list[torch.Tensor], model_id: str = ""
     ) -> list[Result]:
-        """Per photo, its (num_classes,) probabilities or the ApiError that failed it."""
+        """Per photo, its :class:`Scores` or the ApiError that failed it."""
         if self._closing:
             raise ShuttingDown()
         waiting = self.live_depth
@@ -201,7 +202,7 @@ class Batcher:
         tensors = [item.tensor for item in batch]
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, forward_splitting_on_oom, tagger.probabilities, tensors
+                self._executor, forward_splitting_on_oom, tagger.outputs, tensors
             )
         except Exception as exc:  # the server stays up; only this batch's photos fail
             log.exception("inference failed on a batch of %d", len(batch))
@@ -221,9 +222,10 @@ class Batcher:
 
 
 def forward_splitting_on_oom(
-    forward: Callable[[torch.Tensor], torch.Tensor], tensors: list[torch.Tensor]
+    forward: Callable[[torch.Tensor], Scores], tensors: list[torch.Tensor]
 ) -> list[Result]:
-    """Probabilities per photo; on out-of-memory retry each half, down to single photos, so only
+    """Scores per photo (``forward``'s result split by its ``unbind(0)``); on out-of-memory
+    retry each half, down to single photos, so only
     the photos that cannot run even alone fail (with :class:`OutOfMemory`)."""
     try:
         return list(forward(torch.stack(tensors)).unbind(0))

@@ -5,6 +5,7 @@
     phototag evaluate     measure a checkpoint on labelled photos
     phototag pretrained   build the default ImageNet checkpoint
     phototag tag          tag a photo library: XMP sidecars, a results file
+    phototag teach        teach a custom tag from example photos
 
 ``phototag COMMAND --help`` tells more. Each command is its module's ``main(argv)``; the
 older names (``phototag-serve``, ``phototag-train``, ...) run the same functions. Exit status: 0
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("model.evaluate", "measure a checkpoint on labelled photos"),
     "pretrained": ("model.pretrained", "build the default ImageNet checkpoint"),
     "tag": ("model.library.cli", "tag a photo library: XMP sidecars, a results file"),
+    "teach": ("model.teach", "teach a custom tag from example photos"),
 }
 
 

@@ -4,7 +4,9 @@ settings publish different contracts.
 
 What the routes cannot say by themselves, and is set here:
 - security: the schemes are declared, with the 401, on exactly the paths that need a key
-  (app.auth.needs_key); a server without PHOTOTAG_API_KEYS declares none;
+  (app.auth.needs_key); a server without PHOTOTAG_API_KEYS declares none; the operations that
+  change what every client sees (marked ``x-phototag-admin`` by their routes) need an admin key
+  whenever the server has keys (app.auth.needs_admin_key), with a 403 for a key that is not one;
 - the upload limits: most photos per request (PHOTOTAG_MAX_FILES) and largest body
   (PHOTOTAG_MAX_BODY_BYTES, for /v1/explain too);
 - the answers any request can get, whatever its route: 413 (a body over the limit), 431 (a request
@@ -21,7 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.auth import SECURITY_SCHEMES, needs_key
+from app.auth import SECURITY_SCHEMES, needs_admin_key, needs_key
 from app.settings import Settings
 
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
@@ -47,6 +49,10 @@ _SERVER_WIDE: dict[str, dict[str, Any]] = {
         "headers": _RETRY_AFTER,
     },
 }
+_FORBIDDEN = (
+    "An accepted API key that is not an admin key (forbidden): changing tags needs a key from "
+    "PHOTOTAG_ADMIN_KEYS."
+)
 _UNAUTHORIZED = {
     "description": "No API key, or one the server does not accept (unauthorized).",
     "headers": _WWW_AUTHENTICATE,
@@ -71,7 +77,10 @@ def served_contract(schema: dict[str, Any], settings: Settings) -> dict[str, Any
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
-            if needs_key(settings, path):
+            admin = operation.pop("x-phototag-admin", False) and needs_admin_key(settings)
+            if admin:
+                responses["403"] = {"description": _FORBIDDEN, "content": _ERROR}
+            if needs_key(settings, path) or admin:
                 keyed = True
                 operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
                 responses["401"] = {**_UNAUTHORIZED, "content": _ERROR}
@@ -96,8 +105,17 @@ def served_contract(schema: dict[str, Any], settings: Settings) -> dict[str, Any
         components.pop("securitySchemes", None)
     for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, never sent
         components.get("schemas", {}).pop(unused, None)
-    _limit_uploads(schema["paths"]["/v1/tags"]["post"]["requestBody"], settings)
+    upload = schema["paths"]["/v1/tags"]["post"]["requestBody"]
+    _limit_uploads(upload, settings)
     _limit_body(schema["paths"]["/v1/explain"]["post"]["requestBody"], settings)
+    examples = schema["paths"]["/v1/custom-tags/{name}/examples"]["post"]["requestBody"]
+    for field in ("positive", "negative"):
+        examples["content"]["multipart/form-data"]["schema"]["properties"][field]["maxItems"] = (
+            settings.max_files
+        )
+    examples["description"] += (
+        f" At most {settings.max_files} of each per request (PHOTOTAG_MAX_FILES; more: 400)."
+    )
     return schema
 
 

@@ -18,6 +18,8 @@ from fastapi.staticfiles import StaticFiles
 from app.access import RequestContextMiddleware
 from app.batcher import Batcher
 from app.contract import install_contract
+from app.custom_tags import CustomTags
+from app.custom_tags import router as custom_tags_router
 from app.errors import install_error_handlers
 from app.explain import ExplainPool, explain_api
 from app.limits import BodySizeLimitMiddleware
@@ -43,12 +45,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     plan = settings.serving_plan()
     metrics = Metrics()
-    registry = ModelRegistry(settings, plan, metrics)
+    custom_tags = CustomTags(settings)
+    registry = ModelRegistry(settings, plan, metrics, custom_tags.store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with serving(settings, plan, metrics, registry) as state:
-            yield state
+        custom_tags.start()
+        try:
+            async with serving(settings, plan, metrics, registry) as state:
+                yield {**state, "custom_tags": custom_tags}
+        finally:
+            custom_tags.close()
 
     app = FastAPI(
         title="phototag",
@@ -66,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After", "X-Tag", "X-Tag-Probability"],
         )
@@ -74,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(explain_api)
+    app.include_router(custom_tags_router)
     app.include_router(ops)
     app.include_router(page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -12,14 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-import torch
 from PIL import Image
 
 from app.batcher import Batcher
 from app.errors import ApiError, DecodeTimeout, photo_error
 from app.metrics import Metrics
 from model.imageio import PhotoError
-from model.tagger import Prepared, Tag, Tagger
+from model.tagger import Prepared, Scores, Tag, Tagger
 
 log = logging.getLogger("phototag.pipeline")
 
@@ -101,9 +100,9 @@ class Decoder:
 
 @dataclass
 class Tagged:
-    """One photo's outcome: its (num_classes,) probabilities and its people tags."""
+    """One photo's outcome: what the forward pass gave for it and its people tags."""
 
-    probabilities: torch.Tensor
+    scores: Scores
     people: tuple[Tag, ...]
 
 

@@ -24,8 +24,10 @@ from app.errors import ModelNotReady, UnknownModel
 from app.metrics import Metrics
 from app.settings import ServingPlan, Settings
 from model.checkpoint import CheckpointError
+from model.custom_tags import CustomTagStore
 from model.people import FaceDetector
 from model.tagger import Tagger
+from model.teach import serve_tags
 
 log = logging.getLogger("phototag.registry")
 
@@ -57,8 +59,15 @@ def discover(settings: Settings) -> dict[str, Path]:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, plan: ServingPlan, metrics: Metrics):
+    def __init__(
+        self,
+        settings: Settings,
+        plan: ServingPlan,
+        metrics: Metrics,
+        custom_tags: CustomTagStore | None = None,
+    ):
         self.settings = settings
+        self.custom_tags = custom_tags  # each loaded model gets its stored custom tags
         self.plan = plan
         self.metrics = metrics
         self.default_id = ""
@@ -150,7 +159,7 @@ class ModelRegistry:
         self._tried[model_id] = file_signature(path)
         old = self._taggers.get(model_id)
         try:
-            tagger = await run_in_threadpool(self._build, path)
+            tagger = await run_in_threadpool(self._build, model_id, path)
         except Exception as exc:  # CheckpointError, or anything the file's contents provoke
             self.metrics.model_refused(model_id)
             return exc
@@ -170,8 +179,14 @@ class ModelRegistry:
             log.info("reloaded %s: version %s -> %s", model_id, old.version, tagger.version)
         return None
 
-    def _build(self, path: Path) -> Tagger:
+    def _build(self, model_id: str, path: Path) -> Tagger:
         tagger = Tagger.load(path, self.plan.runtime, self.people)
+        if self.custom_tags is not None:
+            tags = serve_tags(self.custom_tags, model_id, tagger)
+            stale = [t.name for t in tags if t.stale(tagger.probabilities_version)]
+            if tags:
+                log.info("%s: %d custom tags (%d stale: %s)", model_id, len(tags), len(stale),
+                         ", ".join(stale) or "none")  # fmt: skip
         tagger.warm_up(self.plan.warm_up_sizes)
         return tagger
 

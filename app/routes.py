@@ -223,13 +223,13 @@ def shape_result(
     if isinstance(outcome, ApiError):
         error = {"code": outcome.code, "message": outcome.message}
         return PhotoResult(filename=filename, tags=[], error=error)
-    result = outcome.probabilities
+    scores = outcome.scores
     tags = [
         Tag(label=t.label, probability=t.probability, **({"path": list(t.path)} if t.path else {}))
-        for t in tagger.tags(result, choice.top_k, choice.threshold, choice.view, outcome.people)
+        for t in tagger.tags(scores, choice.top_k, choice.threshold, choice.view, outcome.people)
     ]  # a raw class has no path: the field stays out of the response
     if choice.include_all:
-        everything = dict(zip(tagger.classes, result.tolist(), strict=True))
+        everything = dict(zip(tagger.classes, scores.probabilities.tolist(), strict=True))
         return PhotoResult(filename=filename, tags=tags, probabilities=everything)
     return PhotoResult(filename=filename, tags=tags)
 

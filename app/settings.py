@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.runtime import ConfigError, RuntimeChoice
+from model.teach import default_store_dir
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 ENV_PREFIX = "PHOTOTAG_"
@@ -69,6 +70,17 @@ class Settings(BaseSettings):
         description="Threads that run the network; 0: OpenVINO all cores (its threads sleep "
         "while they wait), torch on a CPU a quarter of the cores (at least one; the rest decode "
         "photos), torch's choice on a GPU.",
+    )
+
+    # --- custom tags (README: "Teach your own tags")
+    custom_tags_dir: Path | None = Field(
+        None,
+        description="Where taught custom tags are kept, one folder per model; must be writable "
+        "to teach. Default: custom-tags/ in models_dir, or beside checkpoint.",
+    )
+    max_custom_tags: int = Field(100, ge=1, description="Most custom tags per model (409 beyond).")
+    max_tag_examples: int = Field(
+        1000, ge=1, description="Most example photos per custom tag, positive and negative (409)."
     )
 
     # --- batching
@@ -144,6 +156,12 @@ class Settings(BaseSettings):
         description="Comma-separated API keys; when set, requests need one (Authorization: "
         "Bearer KEY or X-API-Key: KEY).",
     )
+    admin_keys: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated keys that may also change what every client sees (teach, "
+        "forget and correct tags). When api_keys or admin_keys is set, those routes need one of "
+        "these (403 for another accepted key).",
+    )
     open_paths: CommaList = Field(
         default_factory=lambda: ["/healthz", "/readyz", "/metrics"],
         description="Paths that need no API key even when api_keys is set.",
@@ -209,12 +227,19 @@ class Settings(BaseSettings):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("api_keys", "open_paths", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_keys", "open_paths", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @property
+    def custom_tags_folder(self) -> Path:
+        """custom_tags_dir, or custom-tags/ in the models folder (or beside the checkpoint)."""
+        if self.custom_tags_dir is not None:
+            return self.custom_tags_dir
+        return default_store_dir(self.models_dir or self.checkpoint.parent)
 
     def serving_plan(self) -> ServingPlan:
         """Every value the server derives from the settings and the machine, resolved in one

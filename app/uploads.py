@@ -32,15 +32,17 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
     )
 
 
-async def _parse_form(request: Request, settings: Settings) -> FormData:
+async def _parse_form(
+    request: Request, settings: Settings, max_files: int | None = None
+) -> FormData:
     """Starlette's multipart parser, with file parts kept in memory up to the body limit (which
     the body-size middleware already enforces on the whole request): a phone photo is 2-3 MB,
     and spooling each one to a temp file on disk cost a disk write and a thread hand-off per
-    chunk."""
+    chunk. ``max_files``: most file parts (default PHOTOTAG_MAX_FILES)."""
+    max_files = max_files or settings.max_files
     async with aclosing(request.stream()) as stream:
         parser = MultiPartParser(
-            request.headers, stream, max_files=settings.max_files,
-            max_fields=settings.max_files + 16,
+            request.headers, stream, max_files=max_files, max_fields=max_files + 16,
         )  # fmt: skip
         parser.spool_max_size = settings.max_body_bytes
         try:

@@ -147,8 +147,12 @@ def output_version(card: ModelCard, tensors: Mapping[str, torch.Tensor]) -> str:
     """A short digest of what the network computes: the tensors (names, dtypes, shapes, values)
     and the card's :data:`OUTPUT_FIELDS`. Two files that answer every photo alike have one
     version, whenever and wherever they were built."""
+    return _digest(card, tensors, OUTPUT_FIELDS)
+
+
+def _digest(card: ModelCard, tensors: Mapping[str, torch.Tensor], fields: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
-    outputs = {name: getattr(card, name) for name in OUTPUT_FIELDS}
+    outputs = {name: getattr(card, name) for name in fields}
     outputs["preprocess"] = card.preprocess.to_dict()
     digest.update(json.dumps(outputs, sort_keys=True).encode())
     for name in sorted(tensors):
@@ -156,6 +160,19 @@ def output_version(card: ModelCard, tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"\n{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:12]
+
+
+# What the class probabilities depend on: every tensor and these card fields. Custom tags read
+# the probabilities (model.custom_tags), so this version, not :func:`output_version`, is what
+# they are tied to: a new vocabulary or new thresholds leave them valid.
+PROBABILITY_FIELDS = ("arch", "arch_args", "task", "classes", "preprocess", "temperature")
+
+
+def probabilities_version(card: ModelCard, tensors: Mapping[str, torch.Tensor]) -> str:
+    """A short digest of what computes a photo's class probabilities (the backbone, the
+    classifier, the temperature): :func:`output_version` without the vocabulary and
+    thresholds."""
+    return _digest(card, tensors, PROBABILITY_FIELDS)
 
 
 @dataclass

@@ -7,9 +7,11 @@ The server, library tagging and any other caller share this pipeline::
         print(tag.label, tag.probability)
 
 The server splits the same steps over its threads: :meth:`Tagger.pixels` on decode threads,
-:meth:`Tagger.probabilities` for a whole batch on its inference thread, :meth:`Tagger.tags` per
-photo. Why a photo got a tag: :meth:`Tagger.explain` (a heatmap, see ``model/explain.py``) and
-:meth:`Tagger.write_overlay` (the heatmap drawn on the photo, as a PNG file).
+:meth:`Tagger.outputs` for a whole batch on its inference thread, :meth:`Tagger.tags` per
+photo. One forward pass serves every head: the classifier's probabilities, and from them the
+custom tags' (:mod:`model.custom_tags`), all of them in one matrix multiply. Why a photo got a
+tag: :meth:`Tagger.explain` (a heatmap, see ``model/explain.py``) and :meth:`Tagger.write_overlay`
+(the heatmap drawn on the photo, as a PNG file).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import torch
 from PIL import Image
 
 from model import imageio
-from model.checkpoint import Checkpoint, ModelCard
+from model.checkpoint import Checkpoint, ModelCard, probabilities_version
 from model.checkpoint import load as load_checkpoint
+from model.custom_tags import CustomHeads, Suppressions
 from model.explain import Explainer, Heatmap, Target, class_target, vocabulary_target, write_overlay
 from model.people import FaceDetector, people_tags
 from model.preprocess import normalize, resize_and_crop
@@ -53,13 +56,11 @@ class Prepared:
 def with_people(
     tags: list[Tag], people: Sequence[Tag], top_k: int, threshold: float | None
 ) -> list[Tag]:
-    """The classifier's tags with the people tags, most probable first, at most ``top_k``. A
-    people tag's parents are implied: a "people" category tag beside them goes."""
+    """The other tags with the people tags, most probable first, at most ``top_k``. A people
+    tag's parents are implied: a "people" category tag beside them goes."""
     people = [t for t in people if threshold is None or t.probability >= threshold]
-    if not people:
-        return tags
     implied = {p.path[:i] for p in people for i in range(1, len(p.path or ()))}
-    merged = [t for t in tags if t.path not in implied] + list(people)
+    merged = [t for t in tags if t.path not in implied] + people
     return sorted(merged, key=lambda t: -t.probability)[:top_k]
 
 
@@ -75,6 +76,27 @@ class UnknownTag(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+CUSTOM = "custom"  # the top of a custom tag's path: ("custom", name)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What one forward pass gives for a batch (B, ...) or, after :meth:`unbind`, one photo."""
+
+    probabilities: torch.Tensor  # (B, num_classes) the classifier's, on the CPU
+    custom: torch.Tensor  # (B, K) the custom tags', in the order of ``heads.names``
+    features: torch.Tensor  # (B, F) the pooled features
+    heads: CustomHeads  # the heads that scored ``custom`` (a swap later cannot mismatch them)
+
+    def unbind(self, dim: int = 0) -> list[Scores]:
+        """One :class:`Scores` per photo (what the batcher hands each request)."""
+        assert dim == 0
+        return [
+            Scores(p, c, f, self.heads)
+            for p, c, f in zip(self.probabilities, self.custom, self.features, strict=True)
+        ]
 
 
 class Tagger:
@@ -101,6 +123,11 @@ class Tagger:
         self._checkpoint: Checkpoint | None = checkpoint
         self._explainer: Explainer | None = None
         self._explainer_lock = threading.Lock()
+        # custom tags are tied to this: what the probabilities their heads read depend on
+        self.probabilities_version = probabilities_version(checkpoint.card, checkpoint.state_dict)
+        # replaced whole, never changed in place: a batch reads one or the other
+        self.custom_heads = CustomHeads()
+        self.suppressions = Suppressions()
 
     @classmethod
     def load(
@@ -197,16 +224,25 @@ class Tagger:
         """(B, 3, H, W) uint8 pixels (normalised here, on the device) -> (B, num_classes)
         probabilities on the CPU: softmax of the temperature-scaled logits, or one sigmoid per
         tag for a multi-label model."""
+        return self.outputs(batch).probabilities
+
+    def outputs(self, batch: torch.Tensor) -> Scores:
+        """(B, 3, H, W) uint8 pixels -> one forward pass's :class:`Scores`: the class
+        probabilities (as :meth:`probabilities`), every custom tag's (one (C, K) matrix
+        multiply over the batch) and the pooled features."""
+        heads = self.custom_heads  # read once: a swap during the pass waits for the next
         batch = batch.to(self.device, non_blocking=True)
-        logits = self.runtime.run(normalize(batch, self.card.preprocess)).logits
+        logits, features = self.runtime.run(normalize(batch, self.card.preprocess))
         logits = logits / self.card.temperature
         if self.card.task == "multi_label":
-            return torch.sigmoid(logits).cpu()
-        return torch.softmax(logits, dim=1).cpu()
+            probabilities = torch.sigmoid(logits).cpu()
+        else:
+            probabilities = torch.softmax(logits, dim=1).cpu()
+        return Scores(probabilities, heads.probabilities(probabilities), features.cpu(), heads)
 
     def tags(
         self,
-        probabilities: torch.Tensor,
+        probabilities: torch.Tensor | Scores,
         top_k: int = 5,
         threshold: float | None = None,
         view: View = "tags",
@@ -218,19 +254,43 @@ class Tagger:
         a checkpoint without a vocabulary has its classes as tags. ``view="classes"``: the
         network's classes, at least ``threshold`` probable (default: the card's per-class
         thresholds where it has them, else every one). ``people`` (from :meth:`prepare`) join
-        the tags, and only them."""
+        the tags, and only them.
+
+        Given one photo's :class:`Scores`, ``view="tags"`` also has its custom tags (path
+        ``("custom", name)``, each at least its own threshold, or ``threshold``), ranked with the
+        others, and drops the vocabulary tags a person marked wrong on a similar photo
+        (:class:`model.custom_tags.Suppressions`); ``view="classes"`` is the raw classes only."""
+        scores = probabilities if isinstance(probabilities, Scores) else None
+        if scores is not None:
+            probabilities = scores.probabilities
         if view == "classes":
             return self._class_tags(probabilities, top_k, threshold)
         if self.vocabulary is not None:
             rolled = self.vocabulary.roll_up(probabilities, self.card.task)
-            scored = self.vocabulary.select(rolled, top_k, threshold)
-            tags = [Tag(s.label, s.probability, s.path) for s in scored]
+            tags = [
+                Tag(s.label, s.probability, s.path)
+                for s in self.vocabulary.select(rolled, top_k, threshold)
+            ]
         else:  # the classes are the tags
             tags = [
                 Tag(t.label, t.probability, (t.label,))
                 for t in self._class_tags(probabilities, top_k, threshold)
             ]
+        if scores is not None:
+            wrong = self.suppressions.suppressed(scores.features)
+            tags = [t for t in tags if t.label not in wrong] + self._custom_tags(scores, threshold)
         return with_people(tags, people, top_k, threshold)
+
+    @staticmethod
+    def _custom_tags(scores: Scores, threshold: float | None) -> list[Tag]:
+        heads = scores.heads
+        return [
+            Tag(name, float(p), (CUSTOM, name))
+            for name, p, own in zip(
+                heads.names, scores.custom.tolist(), heads.thresholds, strict=True
+            )
+            if p >= (own if threshold is None else threshold)
+        ]
 
     def _class_tags(
         self, probabilities: torch.Tensor, top_k: int, threshold: float | None
@@ -312,8 +372,8 @@ class Tagger:
     ) -> list[Tag]:
         """Photo bytes -> tags, in one call (one photo, one forward pass)."""
         prepared = self.prepare(data)
-        probabilities = self.probabilities(prepared.pixels[None])[0]
-        return self.tags(probabilities, top_k, threshold, view, prepared.people)
+        scores = self.outputs(prepared.pixels[None]).unbind()[0]
+        return self.tags(scores, top_k, threshold, view, prepared.people)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Forward passes on blank batches (one per size: cuDNN picks its kernels per shape), so

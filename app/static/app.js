@@ -1,7 +1,8 @@
 // The upload page: pick or drop photos, each is sent to POST /v1/tags on its own (the server
 // batches concurrent photos anyway) and shown with its tags as probability bars. Clicking a tag
 // asks POST /v1/explain (Accept: image/png) why, and shows the heatmap over the photo; clicking
-// it again shows the photo.
+// it again shows the photo. A tag can be marked wrong (POST /v1/feedback), and a custom tag
+// taught from photos (POST /v1/custom-tags/NAME/examples), with its estimated precision and recall.
 "use strict";
 
 const KEY_STORAGE = "phototag.apiKey";
@@ -47,6 +48,7 @@ async function loadModels() {
   );
   modelSelect.value = listing.models.some((m) => m.id === previous) ? previous : listing.default;
   say("");
+  loadCustomTags();
 }
 
 function addCard(file) {
@@ -105,6 +107,81 @@ async function explainTag(card, item, file, model, label) {
   }
 }
 
+function modelParams() {
+  const params = new URLSearchParams();
+  if (modelSelect.value) params.set("model", modelSelect.value);
+  return params;
+}
+
+function percent(value) {
+  return value === null || value === undefined ? "n/a" : `${Math.round(value * 100)}%`;
+}
+
+function describeTag(tag) {
+  const e = tag.estimate;
+  const precision = e.precision === null ? "n/a (add photos without it)" : percent(e.precision);
+  const stale = tag.stale ? " — stale: the model changed, teach it again" : "";
+  return `${tag.name}: ${tag.positives} with, ${tag.negatives} without; estimated precision ${precision}, recall ${percent(e.recall)}${stale}`;
+}
+
+async function loadCustomTags() {
+  const response = await fetch(`/v1/custom-tags?${modelParams()}`, { headers: authHeaders() });
+  if (!response.ok) return;
+  const listing = await response.json();
+  $("#custom-tags").replaceChildren(...listing.tags.map((tag) => {
+    const item = document.createElement("li");
+    item.textContent = describeTag(tag);
+    item.dataset.name = tag.name;
+    item.classList.toggle("stale", tag.stale);
+    return item;
+  }));
+}
+
+async function teachTag(event) {
+  event.preventDefault();
+  const name = $("#teach-name").value.trim();
+  const positives = [...$("#teach-positive").files];
+  const negatives = [...$("#teach-negative").files];
+  const line = $("#teach-status");
+  line.classList.remove("error");
+  if (!positives.length && !negatives.length) {
+    line.textContent = "Choose photos with the tag (and, better, some without it).";
+    line.classList.add("error");
+    return;
+  }
+  const form = new FormData();
+  for (const file of positives) form.append("positive", file, file.name);
+  for (const file of negatives) form.append("negative", file, file.name);
+  line.textContent = `Teaching ${name}…`;
+  const response = await fetch(`/v1/custom-tags/${encodeURIComponent(name)}/examples?${modelParams()}`, {
+    method: "POST", body: form, headers: authHeaders(),
+  });
+  if (!response.ok) {
+    line.textContent = await errorText(response);
+    line.classList.add("error");
+    return;
+  }
+  line.textContent = `Taught ${describeTag(await response.json())}`;
+  $("#teach-positive").value = "";
+  $("#teach-negative").value = "";
+  loadCustomTags();
+}
+
+async function markWrong(card, item, tag) {
+  const form = new FormData();
+  form.append("file", card.file, card.file.name);
+  form.append("tag", (tag.path || [tag.label]).join("/"));
+  form.append("verdict", "wrong");
+  const response = await fetch(`/v1/feedback?${modelParams()}`, { method: "POST", body: form, headers: authHeaders() });
+  if (!response.ok) {
+    say(await errorText(response), true);
+    return;
+  }
+  item.remove();
+  say(`Marked “${tag.label}” wrong for ${card.file.name}.`);
+  loadCustomTags();
+}
+
 function showTags(card, result, model, file) {
   const list = card.querySelector(".tags");
   if (result.error) {
@@ -135,12 +212,23 @@ function showTags(card, result, model, file) {
         if (event.key === "Enter" || event.key === " ") { event.preventDefault(); item.click(); }
       });
     }
+    const wrong = Object.assign(document.createElement("button"), {
+      type: "button", className: "tag-wrong", textContent: "✗", title: "Wrong tag for this photo",
+    });
+    wrong.setAttribute("aria-label", `${tag.label} is wrong`);
+    wrong.addEventListener("click", (event) => {
+      event.stopPropagation();  // marking a tag wrong is not asking why
+      markWrong(card, item, tag);
+    });
+    wrong.addEventListener("keydown", (event) => event.stopPropagation());
+    item.append(wrong);
     return item;
   }));
 }
 
 async function tagOne(file) {
   const card = addCard(file);
+  card.file = file;
   const form = new FormData();
   form.append("file", file, file.name);
   const params = new URLSearchParams({ top_k: topK.value || "5" });
@@ -187,6 +275,9 @@ drop.addEventListener("drop", (event) => {
 drop.addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("#files").click(); }
 });
+
+modelSelect.addEventListener("change", loadCustomTags);
+$("#teach-form").addEventListener("submit", teachTag);
 
 keyInput.value = localStorage.getItem(KEY_STORAGE) || "";
 keyInput.addEventListener("change", () => {

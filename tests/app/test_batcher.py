@@ -27,6 +27,10 @@ class FakeModel:
         self.gate = threading.Event()
         self.gate.set()
 
+    def outputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """What the batcher calls: a tensor splits per photo as Scores do (unbind)."""
+        return self.probabilities(batch)
+
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         self.started.append(time.monotonic())
         self.entered.set()

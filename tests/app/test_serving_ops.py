@@ -39,13 +39,13 @@ def metric(client, metric_name: str, **labels: str) -> float:
 def forward_sizes(monkeypatch):
     """Every forward pass's batch size, through the real Tagger."""
     sizes: list[int] = []
-    original = Tagger.probabilities
+    original = Tagger.outputs  # what the batcher calls, once per batch
 
     def spy(self, batch):
         sizes.append(len(batch))
         return original(self, batch)
 
-    monkeypatch.setattr(Tagger, "probabilities", spy)
+    monkeypatch.setattr(Tagger, "outputs", spy)
     return sizes
 
 
@@ -66,14 +66,14 @@ def block_forward_passes(monkeypatch) -> threading.Event:
     ``entered`` is set once one is waiting."""
     gate = threading.Event()
     gate.entered = threading.Event()
-    original = Tagger.probabilities
+    original = Tagger.outputs
 
     def blocked(self, batch):
         gate.entered.set()
         gate.wait(10)
         return original(self, batch)
 
-    monkeypatch.setattr(Tagger, "probabilities", blocked)
+    monkeypatch.setattr(Tagger, "outputs", blocked)
     return gate
 
 

@@ -49,8 +49,10 @@ def schemathesis(base: str, cwd: Path, *headers: str) -> subprocess.CompletedPro
         # The key in both forms: schemathesis reads a 2xx to a request that carries a valid
         # X-API-Key beside an Authorization it generated itself as "auth ignored", though the
         # contract declares the two as alternatives (either one suffices).
+        # KEY is also an admin key, so that the routes that change tags are exercised too (a
+        # plain key's 403 there is tested in tests/app/test_custom_tags.py).
         pytest.param(
-            {"PHOTOTAG_API_KEYS": f"another-key,{KEY}"},
+            {"PHOTOTAG_API_KEYS": "another-key", "PHOTOTAG_ADMIN_KEYS": KEY},
             [f"X-API-Key: {KEY}", f"Authorization: Bearer {KEY}"],
             id="keys",
         ),

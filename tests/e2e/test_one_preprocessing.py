@@ -25,9 +25,9 @@ PHOTOS = {
 def served_pixels(client_for, checkpoint: Path, monkeypatch, **settings) -> list[torch.Tensor]:
     """Each photo's uint8 (3, crop, crop) on its way into the network, one request per photo."""
     fed: list[torch.Tensor] = []
-    original = Tagger.probabilities
+    original = Tagger.outputs  # the one forward pass per batch
     monkeypatch.setattr(
-        Tagger, "probabilities", lambda self, batch: fed.append(batch) or original(self, batch)
+        Tagger, "outputs", lambda self, batch: fed.append(batch) or original(self, batch)
     )
     client = client_for(checkpoint, max_batch_size=1, **settings)
     fed.clear()  # the warm-up's blank batches

@@ -220,3 +220,42 @@ def screenshot_path(tmp_path: Path, name: str) -> Path:
     folder = Path(os.environ.get("PHOTOTAG_SCREENSHOTS", tmp_path))
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
+
+
+def test_teach_a_tag_from_the_page_and_mark_a_tag_wrong(browser, tmp_path):
+    models = tmp_path / "models"
+    write_tiny_checkpoint(models / "default.safetensors", seed=0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    reds, blues = [], []
+    for i in range(3):
+        for name, color, paths in (("red", (200, 30, 30), reds), ("blue", (30, 30, 200), blues)):
+            path = folder / f"{name}{i}.jpg"
+            path.write_bytes(photo_bytes((64, 48), color=color, seed=i))
+            paths.append(str(path))
+    with Server(Settings(models_dir=models, device="cpu", backend="torch")) as server:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model option[value='default']", state="attached")
+        page.fill("#teach-name", "reddish")
+        page.set_input_files("#teach-positive", reds)
+        page.set_input_files("#teach-negative", blues)
+        page.click("#teach-button")
+        page.wait_for_selector("#custom-tags li[data-name='reddish']")
+        status = page.inner_text("#teach-status")
+        assert status.startswith("Taught reddish: 3 with, 3 without; estimated precision")
+        assert "recall" in page.inner_text("#custom-tags li[data-name='reddish']")
+        # the taught tag comes back on a red photo, under "custom"
+        page.set_input_files("#files", reds[0])
+        page.wait_for_selector(".result .tag")
+        names = [e.inner_text() for e in page.query_selector_all(".result .tag-name")]
+        assert "custom \u203a reddish" in names, names
+        page.screenshot(path=str(screenshot_path(tmp_path, "teach.png")), full_page=True)
+        # marked wrong: gone from the card, and the photo is a negative example now
+        page.click(".result .tag:has(.tag-label:text-is('reddish')) .tag-wrong")
+        page.wait_for_function(
+            "!['reddish'].some(l => [...document.querySelectorAll('.result .tag-label')]"
+            ".map(e => e.textContent).includes(l))"
+        )
+        page.wait_for_selector("#custom-tags li[data-name='reddish']:has-text('4 without')")
+        assert "Marked" in page.inner_text("#status")

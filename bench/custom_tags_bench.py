@@ -1,0 +1,262 @@
+"""Custom tags on real photos: how well a tag taught from k photos tags the others, how long
+teaching takes, what 20 tags cost in serving, and how corrections of vocabulary tags behave.
+
+    python bench/custom_tags_bench.py --checkpoint /tmp/default.safetensors [--cache F] [--quick]
+
+Concepts (photos in ../shared/data): "ant" (an ImageNet class: the ants of ants-bees), "kitchen"
+(not an ImageNet class: the indoor-multilabel photos with a tap, sink or countertop), "deer"
+(not an ImageNet class: CIFAR-10's 32x32 deer, upscaled). A tag is taught from k positives
+(k = 5, 10, 20) drawn at random and tested on every other photo: the concept's remaining
+photos against the ants, bees, 100 photos of each CIFAR-10 class and the indoor photos that are
+not the concept (test negatives never taught). Mean over --repeats draws. Variants:
+
+- builtin: no negatives from the user, the built-in ones (the product's default);
+- user N: N negatives drawn from the test pool (and removed from it), plus the built-in ones;
+- user N only: the same N, no built-in negatives;
+- features+weights: the first design, rejected: a head on the L2-normalised pooled features
+  with the classifier's weight rows as the built-in negatives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.custom_tags import CustomTagStore, _logistic, fit, head_inputs
+from model.runtime import RuntimeChoice
+from model.tagger import Tagger
+from model.teach import probabilities_of, teach
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+KITCHEN = {"tap", "sink", "countertop"}
+
+
+def photo_sets(per_cifar_class: int) -> dict[str, list[Path]]:
+    sets = {
+        "ants": sorted((DATA / "ants-bees/train/ants").iterdir()),
+        "bees": sorted((DATA / "ants-bees/train/bees").iterdir()),
+    }
+    for name in CIFAR:
+        sets[f"cifar-{name}"] = sorted((DATA / "cifar10/train" / name).iterdir())[:per_cifar_class]
+    rows = [json.loads(line) for line in (DATA / "indoor-multilabel/manifest.jsonl").open()]
+    root = DATA / "indoor-multilabel"
+    sets["kitchen"] = [root / r["path"] for r in rows if KITCHEN & set(r["tags"])]
+    sets["indoor-other"] = [root / r["path"] for r in rows if not KITCHEN & set(r["tags"])]
+    return sets
+
+
+def encode(tagger: Tagger, sets: dict[str, list[Path]], cache: Path | None) -> dict:
+    if cache and cache.exists():
+        return torch.load(cache, weights_only=True)
+    out = {}
+    for name, paths in sets.items():
+        probabilities, features = [], []
+        for i in range(0, len(paths), 16):
+            pixels = torch.stack([tagger.pixels(p.read_bytes()) for p in paths[i : i + 16]])
+            scores = tagger.outputs(pixels)
+            probabilities.append(scores.probabilities)
+            features.append(scores.features)
+        out[name] = {"p": torch.cat(probabilities), "f": torch.cat(features)}
+        print(f"  encoded {name}: {len(paths)} photos", file=sys.stderr)
+    if cache:
+        torch.save(out, cache)
+    return out
+
+
+CONCEPTS = {"ant": "ants", "kitchen": "kitchen", "deer": "cifar-deer"}
+
+
+def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor):
+    """Positives, user negatives and test photos as dicts {p, f} -> test scores, threshold."""
+    if variant == "features+weights":
+        inputs = [F.normalize(pos["f"], dim=1), F.normalize(head_weight, dim=1)]
+        labels = [torch.ones(len(pos["f"])), torch.zeros(len(head_weight))]
+        weights = [torch.full((len(x),), 1 / len(x)) for x in inputs]
+        w, b = _logistic(torch.cat(inputs), torch.cat(labels), torch.cat(weights))
+        return torch.sigmoid(F.normalize(test["f"], dim=1) @ w + b), 0.5
+    builtin = not variant.endswith("only")
+    result = fit(pos["p"], neg["p"], builtin=builtin)
+    return torch.sigmoid(head_inputs(test["p"]) @ result.weight + result.bias), result.threshold
+
+
+def measure(encoded, concept: str, k: int, variant: str, users: int, repeats: int, head_weight):
+    key = CONCEPTS[concept]
+    results = []
+    for seed in range(repeats):
+        rng = random.Random(seed)
+        order = list(range(len(encoded[key]["p"])))
+        rng.shuffle(order)
+        take = lambda d, idx: {n: d[n][idx] for n in ("p", "f")}  # noqa: E731
+        pos = take(encoded[key], torch.tensor(order[:k]))
+        test_pos = take(encoded[key], torch.tensor(order[k:]))
+        pool = {n: torch.cat([v[n] for name, v in encoded.items() if name != key]) for n in "pf"}
+        others = list(range(len(pool["p"])))
+        rng.shuffle(others)
+        neg = take(pool, torch.tensor(others[:users], dtype=torch.long))
+        test_neg = take(pool, torch.tensor(others[users:]))
+        test = {n: torch.cat([test_pos[n], test_neg[n]]) for n in "pf"}
+        scores, threshold = scores_of(variant, pos, neg, test, head_weight)
+        hits = scores >= threshold
+        tp = int(hits[: len(test_pos["p"])].sum())
+        fp = int(hits[len(test_pos["p"]) :].sum())
+        precision = tp / (tp + fp) if tp + fp else 1.0
+        recall = tp / len(test_pos["p"])
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        results.append((precision, recall, f1))
+    return [statistics.mean(r[i] for r in results) for i in range(3)]
+
+
+def teaching_time(tagger: Tagger, paths: list[Path], negatives: list[Path], repeats: int) -> float:
+    """Seconds for phototag teach's path: decode, one forward pass per 16 photos, fit, write."""
+    times = []
+    for i in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            started = time.perf_counter()
+            pos, *_ = probabilities_of(tagger, paths)
+            neg, *_ = probabilities_of(tagger, negatives)
+            teach(CustomTagStore(folder), "bench", tagger.probabilities_version, f"t{i}", pos, neg)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def serving_cost(tagger: Tagger, encoded, batch: int, rounds: int) -> dict[str, float]:
+    """Photos per second through Tagger.outputs (normalize, forward pass, custom heads) on a
+    fixed batch, with 0 and with 20 custom tags."""
+    crop = tagger.card.preprocess.crop
+    pixels = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8)
+    store = CustomTagStore(tempfile.mkdtemp())
+    from model.custom_tags import CustomHeads
+
+    tags = []
+    for i in range(20):
+        pos = encoded["ants"]["p"][i : i + 5]
+        tags.append(teach(store, "m", tagger.probabilities_version, f"tag-{i}", pos, pos[:0]))
+    rates = {}
+    for count in (0, 20, 0, 20):  # interleaved: drift on shared cores hits both alike
+        tagger.custom_heads = CustomHeads.of(tags[:count])
+        tagger.outputs(pixels)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            tagger.outputs(pixels)
+        rate = batch * rounds / (time.perf_counter() - started)
+        rates[count] = max(rates.get(count, 0.0), rate)
+    tagger.custom_heads = CustomHeads()
+    return {"0 tags": rates[0], "20 tags": rates[20]}
+
+
+NEAR_COPIES = {"JPEG q50": (1.0, 50), "half size": (0.5, 90), "half size, q50": (0.5, 50)}
+
+
+def suppression(tagger: Tagger, paths: list[Path], encoded) -> dict[str, float]:
+    """A vocabulary tag marked wrong on a photo: on what share of its near copies is it
+    suppressed (pooled features at least SUPPRESSION_SIMILARITY cosine-similar), and on what
+    share of the other photos of the benchmark (every other one of the 1329)?"""
+    import io
+
+    from PIL import Image
+
+    from model.custom_tags import SUPPRESSION_SIMILARITY
+
+    hits = {name: [] for name in NEAR_COPIES}
+    others = []
+    everything = F.normalize(torch.cat([v["f"] for v in encoded.values()]), dim=1)
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        copies = []
+        for scale, quality in NEAR_COPIES.values():
+            buffer = io.BytesIO()
+            size = (int(image.width * scale), int(image.height * scale))
+            image.resize(size).save(buffer, "JPEG", quality=quality)
+            copies.append(tagger.pixels(buffer.getvalue()))
+        pixels = torch.stack([tagger.pixels(path.read_bytes()), *copies])
+        features = F.normalize(tagger.outputs(pixels).features, dim=1)
+        for name, copy in zip(NEAR_COPIES, features[1:], strict=True):
+            hits[name].append(float(features[0] @ copy) >= SUPPRESSION_SIMILARITY)
+        similar = (everything @ features[0] >= SUPPRESSION_SIMILARITY).sum() - 1  # not itself
+        others.append(int(similar) / (len(everything) - 1))
+    result = {name: statistics.mean(v) for name, v in hits.items()}
+    result["other photos"] = statistics.mean(others)
+    return result
+
+
+def heads_cost(tagger: Tagger, batch: int, rounds: int = 2000) -> float:
+    """Milliseconds of 20 custom heads on a batch: the (B, C) @ (C, 20) multiply and sigmoid."""
+    from model.custom_tags import CustomHeads, CustomTag
+
+    tags = [CustomTag.new(f"t{i}", "v", len(tagger.classes)) for i in range(20)]
+    heads = CustomHeads.of(tags)
+    probabilities = torch.softmax(torch.randn(batch, len(tagger.classes)), 1)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        heads.probabilities(probabilities)
+    return (time.perf_counter() - started) / rounds * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, help="keep the encoded photos in this file")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--cifar-per-class", type=int, default=100)
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args(argv)
+    if not DATA.is_dir():
+        print(f"needs the photo sets in {DATA}", file=sys.stderr)
+        return 2
+    if not args.checkpoint.exists():
+        from model.pretrained import build_default_checkpoint
+
+        build_default_checkpoint(args.checkpoint)
+    tagger = Tagger.load(args.checkpoint, RuntimeChoice.resolve("cpu", args.backend))
+    sets = photo_sets(args.cifar_per_class)
+    encoded = encode(tagger, sets, args.cache)
+    from model.checkpoint import load
+
+    head_weight = load(args.checkpoint).state_dict["head.1.weight"]
+    print(
+        f"backend {tagger.backend}; test pool: "
+        + ", ".join(f"{k} {len(v)}" for k, v in sets.items())
+    )
+    print("\n| concept | k | negatives | precision | recall | F1 |\n|---|---|---|---|---|---|")
+    variants = [("builtin", 0), ("user 10", 10), ("user 20", 20), ("user 20 only", 20)]
+    variants.append(("features+weights", 0))
+    for concept in CONCEPTS:
+        for k in (5, 10, 20):
+            if len(encoded[CONCEPTS[concept]]["p"]) - k < 5:
+                continue  # too few photos left to test on
+            for variant, users in variants:
+                p, r, f = measure(encoded, concept, k, variant, users, args.repeats, head_weight)
+                print(f"| {concept} | {k} | {variant} | {p:.3f} | {r:.3f} | {f:.3f} |", flush=True)
+    ants = sets["ants"]
+    for k in (5, 10, 20):
+        seconds = teaching_time(tagger, ants[:k], [], 3)
+        print(f"\nteaching from {k} photos (decode + forward + fit + write): {seconds:.2f} s")
+    seconds = teaching_time(tagger, ants[:10], sets["bees"][:10], 3)
+    print(f"teaching from 10 positives + 10 negatives: {seconds:.2f} s")
+    cost = serving_cost(tagger, encoded, batch=8, rounds=30)
+    print(
+        f"\nTagger.outputs, batches of 8: {cost['0 tags']:.1f} photos/s with 0 custom tags, "
+        f"{cost['20 tags']:.1f} with 20 ({100 * (1 - cost['20 tags'] / cost['0 tags']):+.1f}% cost)"
+    )
+    print(f"20 custom heads alone, batch of 8: {heads_cost(tagger, 8):.3f} ms")
+    result = suppression(tagger, ants[:40] + sets["kitchen"][:10], encoded)
+    print("\ncorrections (a tag marked wrong on a photo is suppressed on):")
+    for name, share in result.items():
+        print(f"  {name}: {100 * share:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
