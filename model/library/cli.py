@@ -44,7 +44,7 @@ DEFAULT_CHECKPOINT = "checkpoints/default.safetensors"
 LOG_EVERY_S = 10.0  # a plain progress line this often when stderr is no terminal
 
 
-def env(name: str, default: str) -> str:
+def env(name: str, default: str | None) -> str | None:
     """A ``PHOTOTAG_*`` variable the server reads too, so both tag alike by default."""
     return os.environ.get(f"PHOTOTAG_{name}", default)
 
@@ -111,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("PEOPLE", "on"),
         help="people tags from the face detector, about 40 ms of CPU per photo "
         "(default: $PHOTOTAG_PEOPLE or on)",
+    )
+    tags.add_argument(
+        "--custom-tags",
+        type=Path,
+        default=env("CUSTOM_TAGS_DIR", None),
+        help="the custom tags taught with phototag teach to tag with too (default: "
+        "$PHOTOTAG_CUSTOM_TAGS_DIR, else custom-tags/ beside the checkpoint, if it exists)",
+    )
+    tags.add_argument(
+        "--explain",
+        type=Path,
+        metavar="DIR",
+        help="also write each photo's top tag's heatmap over it into DIR, for a review",
     )
     run = p.add_argument_group("how it runs")
     run.add_argument("--engine", choices=["local", "ray"], default="local")
@@ -369,7 +382,10 @@ def _task(args: argparse.Namespace, model: dict | None) -> str:
     if args.mode == "remove":
         return json.dumps(["remove", args.xmp, args.root])
     people = None if args.server else args.people
-    return json.dumps([model["version"], args.top_k, args.threshold, people, args.xmp, args.root])
+    custom = model.get("custom_tags")  # a newly taught tag makes every photo new again
+    return json.dumps(
+        [model["version"], args.top_k, args.threshold, people, args.xmp, args.root, custom]
+    )
 
 
 def _engine(args: argparse.Namespace):
@@ -421,6 +437,16 @@ def _check(args: argparse.Namespace) -> None:
             raise ConfigurationError(str(exc)) from None
     if args.engine == "ray" and args.server:
         raise ConfigurationError("--engine ray tags with a checkpoint, not --server")
+    if args.explain and args.server:
+        raise ConfigurationError("--explain draws with a checkpoint's network, not --server")
+
+
+def _custom_tags(args: argparse.Namespace) -> str | None:
+    """The custom-tag store the server would read for this checkpoint, when there is one."""
+    from model.teach import default_store_dir
+
+    folder = args.custom_tags or default_store_dir(args.checkpoint.resolve().parent)
+    return str(folder) if Path(folder).is_dir() else None
 
 
 def _options(args: argparse.Namespace) -> TaggingOptions:
@@ -430,6 +456,8 @@ def _options(args: argparse.Namespace) -> TaggingOptions:
             top_k=args.top_k,
             threshold=args.threshold,
             people=args.people == "on",
+            custom_tags=_custom_tags(args),
+            explain=str(args.explain.resolve()) if args.explain else None,
             max_pixels=args.max_pixels,
             reducing_gap=args.jpeg_reducing_gap,
             device=args.device,

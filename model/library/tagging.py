@@ -26,11 +26,14 @@ import torch
 
 from model.imageio import PhotoError, sniff_format
 from model.library.walk import Candidate
-from model.tagger import DEFAULT_MAX_PIXELS, DEFAULT_REDUCING_GAP, Prepared, Tag
+from model.tagger import DEFAULT_MAX_PIXELS, DEFAULT_REDUCING_GAP, Prepared, Scores, Tag
 
 log = logging.getLogger("phototag.library")
 
 HEAD_BYTES = 4096  # enough for every signature sniff_format reads (HEIF brands included)
+
+# Tag path roots that do not come from the classifier, so have no heatmap.
+EXTERNAL = ("people", "custom")
 
 # Row statuses. "not_a_photo" rows are counted, never recorded.
 TAGGED, FAILED, REMOVED, NOT_A_PHOTO = "tagged", "error", "removed", "not_a_photo"
@@ -44,6 +47,8 @@ class TaggingOptions:
     top_k: int = 5
     threshold: float | None = None
     people: bool = True  # PHOTOTAG_PEOPLE's default: the server's pipeline
+    custom_tags: str | None = None  # the custom-tag store to tag with (phototag teach's)
+    explain: str | None = None  # a folder for each photo's top-tag heatmap, for a review
     max_pixels: int = DEFAULT_MAX_PIXELS
     reducing_gap: float = DEFAULT_REDUCING_GAP
     device: str = "auto"
@@ -137,6 +142,12 @@ class BatchTagger:
         people = FaceDetector.load() if options.people else None
         self.tagger = Tagger.load(options.checkpoint, choice, people)
         self.model = model_ref(options.checkpoint, self.tagger.card_name, self.tagger.version)
+        if options.custom_tags:
+            from model.custom_tags import CustomTagStore
+            from model.teach import serve_tags
+
+            serve_tags(CustomTagStore(options.custom_tags), self.model["id"], self.tagger)
+            self.model["custom_tags"] = list(self.tagger.custom_heads.names)
         self._pool: ThreadPoolExecutor | None = None
 
     def prepare(self, candidate: Candidate) -> Item:
@@ -166,21 +177,36 @@ class BatchTagger:
                 rows.append(make_row(item, None, None, NOT_A_PHOTO))
                 continue
             p = tagged.get(id(item))
-            if isinstance(p, torch.Tensor):
+            if isinstance(p, Scores):
                 tags = self.tagger.tags(
                     p, self.options.top_k, self.options.threshold, "tags", item.prepared.people
                 )
                 rows.append(make_row(item, self.model, tag_dicts(tags), TAGGED))
+                if self.options.explain:
+                    self._explain(item, tags)
             else:
                 item.error = item.error or p
                 rows.append(make_row(item, self.model, None, FAILED))
         return rows
 
-    def _forward(self, pixels: list[torch.Tensor]) -> list[torch.Tensor | dict]:
-        """(num_classes,) probabilities per photo; a batch that fails is retried photo by photo,
-        so only a photo that fails alone fails."""
+    def _explain(self, item: Item, tags: Sequence[Tag]) -> None:
+        """The heatmap of the photo's first tag the classifier gave (people and custom tags come
+        from elsewhere) drawn on it: ``<sha256 prefix>-<name>.<tag>.png`` in the review folder."""
+        label = next((t.label for t in tags if t.path and t.path[0] not in EXTERNAL), None)
+        if label is None:
+            return
+        path = Path(item.candidate.path)
+        name = f"{item.sha256[:8]}-{path.name}.{label}.png".replace("/", "_")
         try:
-            return list(self.tagger.probabilities(torch.stack(pixels)).unbind(0))
+            self.tagger.write_overlay(path.read_bytes(), Path(self.options.explain) / name, label)
+        except Exception as exc:  # a review picture that fails must not fail the photo's row
+            log.warning("%s: no heatmap for %s: %s", path, label, exc)
+
+    def _forward(self, pixels: list[torch.Tensor]) -> list[Scores | dict]:
+        """Each photo's scores (class probabilities, custom tags); a batch that fails is retried
+        photo by photo, so only a photo that fails alone fails."""
+        try:
+            return list(self.tagger.outputs(torch.stack(pixels)).unbind(0))
         except Exception as exc:
             if len(pixels) == 1:
                 log.error("inference failed on one photo: %s", exc)

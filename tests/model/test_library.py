@@ -535,3 +535,59 @@ def test_server_mode_posts_the_photos_and_gets_the_local_rows(tmp_path, tiny_che
         if a["error"]:  # the server names the upload in its message
             assert a.pop("error")["code"] == b.pop("error")["code"]
         assert a == b
+
+
+def test_custom_tags_taught_for_the_checkpoint_come_out_of_the_library_run(tmp_path):
+    """phototag teach keeps tags in custom-tags/ beside the checkpoint, where the server reads
+    them: phototag tag reads them there too, and a newly taught tag makes photos new again."""
+    from model.library.cli import main
+    from model.teach import main as teach
+    from tests.helpers import COLORS, photo_bytes, write_photo_folder, write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "models" / "tiny.safetensors")
+    reds = write_photo_folder(tmp_path / "teach", per_class=6, classes={"red": COLORS["red"]})
+    blues = write_photo_folder(tmp_path / "not", per_class=6, classes={"blue": COLORS["blue"]})
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "a.jpg").write_bytes(photo_bytes((48, 40), COLORS["red"], seed=99))
+    out = tmp_path / "tags.jsonl"
+    common = ["--checkpoint", str(checkpoint), "--xmp", "none", "--people", "off", "--out"]
+    assert main([str(library), *common, str(out), "--threshold", "0"]) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(tag["path"][0] != "custom" for tag in first[0]["tags"])
+    assert teach([
+        "reddish", "--checkpoint", str(checkpoint), "--positive", str(reds / "red"),
+        "--negative", str(blues / "blue"),
+    ]) == 0  # fmt: skip
+    assert main([str(library), *common, str(out), "--threshold", "0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1
+    assert ["custom", "reddish"] in [tag["path"] for tag in rows[0]["tags"]]
+    assert rows[0]["model"]["custom_tags"] == ["reddish"]
+
+
+def test_explain_writes_each_photos_top_tag_heatmap_for_a_review(tmp_path):
+    from PIL import Image
+
+    from model.library.cli import main
+    from tests.helpers import photo_bytes, write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "a.jpg").write_bytes(photo_bytes((96, 64), seed=1))
+    (library / "b.png").write_bytes(photo_bytes((50, 70), fmt="PNG", seed=2))
+    review = tmp_path / "review"
+    args = [str(library), "--checkpoint", str(checkpoint), "--xmp", "none", "--people", "off"]
+    assert main([*args, "--out", str(tmp_path / "t.jsonl"), "--explain", str(review)]) == 0
+    rows = {Path(r["path"]).name: r for r in map(json.loads, (tmp_path / "t.jsonl").open())}
+    pictures = sorted(review.iterdir())
+    assert len(pictures) == 2
+    for picture in pictures:
+        name = picture.name.split("-", 1)[1]  # <sha prefix>-<photo name>.<tag>.png
+        photo = next(n for n in rows if name.startswith(n + "."))
+        assert name == f"{photo}.{rows[photo]['tags'][0]['label']}.png"
+        with Image.open(picture) as overlay, Image.open(library / photo) as original:
+            assert overlay.size == original.size
+    remote = [str(library), "--server", "http://127.0.0.1:9", "--explain", str(review)]
+    assert main([*remote, "--xmp", "none", "--out", str(tmp_path / "r.jsonl")]) == 2
