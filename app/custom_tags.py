@@ -22,19 +22,19 @@ from starlette.datastructures import FormData, UploadFile
 
 from app.auth import AdminKey, ApiKey
 from app.batcher import Batcher
-from app.errors import ApiError, ModelNotReady
-from app.pipeline import Decoder, Tagged, Upload, tag_uploads
-from app.registry import ModelRegistry
-from app.routes import (
-    _ERRORS,
-    _PHOTO,
+from app.deps import (
+    ERRORS,
+    PHOTO,
     BatcherDep,
     DecoderDep,
     RegistryDep,
     ServedDep,
     SettingsDep,
-    _lifespan_state,
+    lifespan_state,
 )
+from app.errors import ApiError, ModelNotReady
+from app.pipeline import Decoder, Tagged, Upload, tag_uploads
+from app.registry import ModelRegistry
 from app.schemas import ErrorResponse, ModelRef
 from app.settings import Settings
 from app.uploads import _parse_form
@@ -159,7 +159,7 @@ class CustomTags:
 
 
 async def get_custom_tags(request: Request) -> CustomTags:
-    return cast(CustomTags, _lifespan_state(request, "custom_tags"))
+    return cast(CustomTags, lifespan_state(request, "custom_tags"))
 
 
 CustomTagsDep = Annotated[CustomTags, Depends(get_custom_tags)]
@@ -175,7 +175,7 @@ TagName = Annotated[
 ]
 
 _ADMIN = {"x-phototag-admin": True}  # app.contract declares the admin keys' 401 and 403
-_TAG_ERRORS = {
+_TAGERRORS = {
     404: {
         "model": ErrorResponse,
         "description": "No such model (unknown_model) or custom tag (unknown_tag).",
@@ -199,8 +199,8 @@ _TEACH_BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "positive": {"type": "array", "minItems": 1, "items": _PHOTO},
-                        "negative": {"type": "array", "minItems": 1, "items": _PHOTO},
+                        "positive": {"type": "array", "minItems": 1, "items": PHOTO},
+                        "negative": {"type": "array", "minItems": 1, "items": PHOTO},
                     },
                     "anyOf": [{"required": ["positive"]}, {"required": ["negative"]}],
                 },
@@ -224,7 +224,7 @@ _FEEDBACK_BODY = {
                     "type": "object",
                     "required": ["file", "tag", "verdict"],
                     "properties": {
-                        "file": _PHOTO,
+                        "file": PHOTO,
                         "tag": {"type": "string", "minLength": 1, "maxLength": 200},
                         "verdict": {"type": "string", "enum": ["right", "wrong"]},
                     },
@@ -240,7 +240,7 @@ _FEEDBACK_BODY = {
 @router.get(
     "/v1/custom-tags",
     response_model=CustomTagList,
-    responses={404: _ERRORS[404], 503: {"model": ErrorResponse}},
+    responses={404: ERRORS[404], 503: {"model": ErrorResponse}},
     summary="A model's custom tags, with their examples, thresholds and estimates",
 )
 async def list_custom_tags(served: ServedDep, custom: CustomTagsDep) -> CustomTagList:
@@ -252,7 +252,7 @@ async def list_custom_tags(served: ServedDep, custom: CustomTagsDep) -> CustomTa
 @router.post(
     "/v1/custom-tags/{name}/examples",
     response_model=CustomTagInfo,
-    responses={**_ERRORS, **_TAG_ERRORS},
+    responses={**ERRORS, **_TAGERRORS},
     dependencies=[AdminKey],
     openapi_extra=_TEACH_BODY,
     summary="Teach a custom tag: add example photos and re-fit it",
@@ -292,7 +292,7 @@ async def add_examples(
     "/v1/custom-tags/{name}",
     status_code=204,
     response_class=Response,
-    responses={**_TAG_ERRORS, 503: {"model": ErrorResponse}},
+    responses={**_TAGERRORS, 503: {"model": ErrorResponse}},
     dependencies=[AdminKey],
     openapi_extra=_ADMIN,
     summary="Forget a custom tag: it is no longer returned, its file is deleted",
@@ -309,7 +309,7 @@ async def delete_custom_tag(
 @router.post(
     "/v1/feedback",
     response_model=FeedbackResult,
-    responses={**_ERRORS, **_TAG_ERRORS},
+    responses={**ERRORS, **_TAGERRORS},
     dependencies=[AdminKey],
     openapi_extra=_FEEDBACK_BODY,
     summary="Say a returned tag was right or wrong for a photo",

@@ -25,8 +25,8 @@ from PIL import Image
 
 from app.auth import ApiKey
 from app.batcher import ShuttingDown
+from app.deps import ERRORS, PHOTO, DecoderDep, ServedDep, SettingsDep, lifespan_state
 from app.errors import ApiError, ExplainOverloaded, InferenceTimeout, UnknownTag
-from app.routes import _ERRORS, _PHOTO, DecoderDep, ServedDep, SettingsDep, _lifespan_state
 from app.schemas import ExplainResponse, Region, Tag
 from app.uploads import read_uploads
 from model import explain
@@ -90,14 +90,14 @@ class ExplainPool:
 
 
 async def get_explain_pool(request: Request) -> ExplainPool:
-    return cast(ExplainPool, _lifespan_state(request, "explainer"))
+    return cast(ExplainPool, lifespan_state(request, "explainer"))
 
 
 ExplainPoolDep = Annotated[ExplainPool, Depends(get_explain_pool)]
 
 explain_api = APIRouter(dependencies=[ApiKey])
 
-_ONE_PHOTO = {
+_ONEPHOTO = {
     "requestBody": {
         "required": True,
         "description": "One photo: a multipart field named `file`, or the raw body with an "
@@ -108,30 +108,30 @@ _ONE_PHOTO = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": _PHOTO},
+                    "properties": {"file": PHOTO},
                 },
                 "encoding": {"file": {"contentType": "image/*"}},
             },
-            "image/*": {"schema": _PHOTO},
-            "application/octet-stream": {"schema": _PHOTO},
+            "image/*": {"schema": PHOTO},
+            "application/octet-stream": {"schema": PHOTO},
         },
     }
 }
-_EXPLAIN_ERRORS = {
-    **_ERRORS,
+_EXPLAINERRORS = {
+    **ERRORS,
     400: {
-        **_ERRORS[400],
-        "description": _ERRORS[400]["description"] + " More than one photo (bad_request): "
+        **ERRORS[400],
+        "description": ERRORS[400]["description"] + " More than one photo (bad_request): "
         "one photo per explanation.",
     },
     422: {
-        **_ERRORS[422],
-        "description": _ERRORS[422]["description"] + " A `tag` the model does not have "
+        **ERRORS[422],
+        "description": ERRORS[422]["description"] + " A `tag` the model does not have "
         "(unknown_tag; GET /v1/model lists its tags and classes).",
     },
     503: {
-        **_ERRORS[503],
-        "description": _ERRORS[503]["description"] + " Explanations have their own limit "
+        **ERRORS[503],
+        "description": ERRORS[503]["description"] + " Explanations have their own limit "
         "(PHOTOTAG_EXPLAIN_CONCURRENCY running + PHOTOTAG_EXPLAIN_QUEUE waiting): overloaded.",
     },
 }
@@ -153,8 +153,8 @@ _PNG = {
     "/v1/explain",
     response_model=ExplainResponse,
     response_model_exclude_unset=True,
-    responses={**_PNG, **_EXPLAIN_ERRORS},
-    openapi_extra=_ONE_PHOTO,
+    responses={**_PNG, **_EXPLAINERRORS},
+    openapi_extra=_ONEPHOTO,
     summary="Why this tag: where in the photo a tag's evidence is",
     description="A heatmap of one tag on one photo (HiResCAM, of the Grad-CAM family, on the "
     "network's last feature map): JSON by default, the photo with the heatmap over it as a PNG "

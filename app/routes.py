@@ -4,30 +4,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, cast
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from app.auth import ApiKey
-from app.batcher import Batcher
+from app.deps import (
+    ERRORS,
+    PHOTO,
+    UNKNOWN_MODEL,
+    BatcherDep,
+    DecoderDep,
+    MetricsDep,
+    RegistryDep,
+    ServedDep,
+    SettingsDep,
+)
 from app.errors import ApiError, ModelNotReady
-from app.metrics import Metrics
-from app.pipeline import Decoder, Outcome, tag_uploads
-from app.registry import ModelRegistry
+from app.pipeline import Outcome, tag_uploads
 from app.schemas import (
     ErrorResponse,
     Health,
     ModelInfo,
     ModelList,
-    ModelRef,
     ModelSummary,
     PhotoResult,
     Tag,
     TagResponse,
     VocabularyTag,
 )
-from app.settings import Settings
 from app.uploads import read_uploads
 from model.tagger import Tagger
 
@@ -40,95 +46,6 @@ ops = APIRouter(dependencies=[ApiKey])
 page = APIRouter()  # always open: it holds no data, and it is where a person enters a key
 
 
-# Dependencies are ``async def``: FastAPI runs a plain ``def`` one on a worker thread, a thread
-# hand-off per dependency per request for what is a dictionary lookup.
-
-
-def _lifespan_state(request: Request, name: str) -> object:
-    value = getattr(request.state, name, None)
-    if value is None:  # the lifespan has not started (or has stopped) serving
-        raise ModelNotReady()
-    return value
-
-
-async def get_registry(request: Request) -> ModelRegistry:
-    return cast(ModelRegistry, _lifespan_state(request, "registry"))
-
-
-async def get_batcher(request: Request) -> Batcher:
-    return cast(Batcher, _lifespan_state(request, "batcher"))
-
-
-async def get_decoder(request: Request) -> Decoder:
-    return cast(Decoder, _lifespan_state(request, "decoder"))
-
-
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-async def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]
-DecoderDep = Annotated[Decoder, Depends(get_decoder)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-@dataclass
-class Served:
-    """The model a request asked for, held for the whole request (a reload cannot swap it)."""
-
-    model_id: str
-    tagger: Tagger
-    default: bool
-
-    def ref(self) -> ModelRef:
-        return ModelRef(id=self.model_id, name=self.tagger.card_name, version=self.tagger.version)
-
-
-async def get_served(
-    registry: RegistryDep,
-    model: Annotated[
-        str | None,
-        Query(
-            description="The model to use, by id (see GET /v1/models); default: the server's "
-            "default model.",
-            examples=["pets"],
-        ),
-    ] = None,
-) -> Served:
-    model_id, tagger = registry.get(model)
-    return Served(model_id, tagger, model_id == registry.default_id)
-
-
-ServedDep = Annotated[Served, Depends(get_served)]
-
-_UNKNOWN_MODEL = {"model": ErrorResponse, "description": "`?model=` names no served model "
-                  "(unknown_model; the message lists the served ones)."}  # fmt: skip
-_ERROR_TEXT = {
-    400: "Nothing to tag, or a malformed body: empty_body, empty_file, no_file, not_a_file, "
-    "bad_request (a broken multipart body, or more than PHOTOTAG_MAX_FILES photos).",
-    404: _UNKNOWN_MODEL["description"],
-    413: "The body is over PHOTOTAG_MAX_BODY_BYTES (payload_too_large), or the image is over "
-    "PHOTOTAG_MAX_PIXELS (image_too_large).",
-    415: "A Content-Type other than multipart/form-data, image/* or application/octet-stream, or "
-    "bytes of no accepted image format (unsupported_media_type).",
-    422: "A corrupt or truncated image (invalid_image), one slower to decode than "
-    "PHOTOTAG_MAX_DECODE_SECONDS (decode_timeout), or a bad query parameter (invalid_parameter).",
-    500: "The model failed on the photo's batch (inference_failed), or a bug (internal_error).",
-    503: "Busy or not ready (model_not_ready, overloaded, timeout, out_of_memory, "
-    "shutting_down; or the server holds PHOTOTAG_MAX_CONNECTIONS connections), with Retry-After.",
-}
-_ERRORS = {
-    status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_TEXT.items()
-}
-# An empty photo is refused: 400 empty_body (raw) or empty_file (multipart; in a request with
-# several photos, the error of that photo's result).
-_PHOTO = {"type": "string", "format": "binary", "minLength": 1}
 # The limits that depend on the settings (most photos, largest body) are added per server by
 # app.contract.
 _UPLOAD_BODY = {
@@ -144,12 +61,12 @@ _UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "array", "minItems": 1, "items": _PHOTO}},
+                    "properties": {"file": {"type": "array", "minItems": 1, "items": PHOTO}},
                 },
                 "encoding": {"file": {"contentType": "image/*"}},
             },
-            "image/*": {"schema": _PHOTO},
-            "application/octet-stream": {"schema": _PHOTO},
+            "image/*": {"schema": PHOTO},
+            "application/octet-stream": {"schema": PHOTO},
         },
     }
 }
@@ -159,7 +76,7 @@ _UPLOAD_BODY = {
     "/v1/tags",
     response_model=TagResponse,
     response_model_exclude_unset=True,
-    responses=_ERRORS,
+    responses=ERRORS,
     openapi_extra=_UPLOAD_BODY,
     summary="Tag photos",
     description="Per-class probabilities for each uploaded photo, top tags first. In a request "
@@ -264,7 +181,7 @@ def summary(model_id: str, tagger: Tagger, default_id: str) -> ModelSummary:
 @api.get(
     "/v1/model",
     response_model=ModelInfo,
-    responses={404: _UNKNOWN_MODEL, 503: {"model": ErrorResponse}},
+    responses={404: UNKNOWN_MODEL, 503: {"model": ErrorResponse}},
     summary="One served model in full: classes, preprocessing, metrics",
 )
 async def model_info(served: ServedDep) -> ModelInfo:
