@@ -382,10 +382,18 @@ def _task(args: argparse.Namespace, model: dict | None) -> str:
     if args.mode == "remove":
         return json.dumps(["remove", args.xmp, args.root])
     people = None if args.server else args.people
-    custom = model.get("custom_tags")  # a newly taught tag makes every photo new again
+    custom = None if args.server else _custom_tag_names(args, model["id"])
     return json.dumps(
         [model["version"], args.top_k, args.threshold, people, args.xmp, args.root, custom]
     )
+
+
+def _custom_tag_names(args: argparse.Namespace, model_id: str) -> list[str]:
+    """The custom tags a run tags with: a newly taught one makes every photo new again."""
+    from model.custom_tags import CustomTagStore
+
+    folder = _custom_tags(args)
+    return CustomTagStore(folder).names(model_id) if folder else []
 
 
 def _engine(args: argparse.Namespace):

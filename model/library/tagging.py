@@ -147,7 +147,6 @@ class BatchTagger:
             from model.teach import serve_tags
 
             serve_tags(CustomTagStore(options.custom_tags), self.model["id"], self.tagger)
-            self.model["custom_tags"] = list(self.tagger.custom_heads.names)
         self._pool: ThreadPoolExecutor | None = None
 
     def prepare(self, candidate: Candidate) -> Item:

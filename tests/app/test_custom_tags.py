@@ -252,10 +252,11 @@ def test_an_unwritable_tags_folder_is_a_clear_503(client_for, tiny_checkpoint, t
 
 
 @pytest.mark.slow
-def test_a_tag_taught_from_ten_real_ants_finds_other_ants(client_for, default_checkpoint):
+def test_a_tag_taught_from_ten_real_ants_finds_other_ants(client_for, default_checkpoint, tmp_path):
     ants = sorted((shared_data("ants-bees") / "train" / "ants").glob("*.jpg"))
     bees = sorted((shared_data("ants-bees") / "train" / "bees").glob("*.jpg"))
-    client = client_for(default_checkpoint)
+    # its own tags folder: the session's default checkpoint is shared with other tests
+    client = client_for(default_checkpoint, custom_tags_dir=tmp_path / "tags")
     r = teach(client, "my-ant", positives=[p.read_bytes() for p in ants[:10]], negatives=[])
     assert r.status_code == 200, r.text
     found = [bool(custom(tags_of(client, p.read_bytes()))) for p in ants[20:30] + bees[:10]]

@@ -563,7 +563,7 @@ def test_custom_tags_taught_for_the_checkpoint_come_out_of_the_library_run(tmp_p
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 1
     assert ["custom", "reddish"] in [tag["path"] for tag in rows[0]["tags"]]
-    assert rows[0]["model"]["custom_tags"] == ["reddish"]
+    assert rows[0]["model"]["id"] == "tiny"
 
 
 def test_explain_writes_each_photos_top_tag_heatmap_for_a_review(tmp_path):
