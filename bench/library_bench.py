@@ -31,26 +31,20 @@ from photos import build_sets  # noqa: E402
 PYTHON = sys.executable
 
 
+def tag_command(library: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    """``phototag tag`` over ``library`` into a fresh ``out`` (its journal removed too)."""
+    for path in (out, out.with_name(out.name + ".journal")):
+        path.unlink(missing_ok=True)
+    return [
+        PYTHON, "-m", "app.cli", "tag", str(library), "--checkpoint", str(checkpoint),
+        "--out", str(out), "--progress", "none", *extra,
+    ]  # fmt: skip
+
+
 def phototag_tag(library: Path, checkpoint: Path, out: Path, *extra: str) -> dict:
     """One run of ``phototag tag`` from a fresh process; photos/s as its summary says (from
     the listing to the last commit: the model's load is not counted, as in the ceiling)."""
-    journal = out.with_name(out.name + ".journal")
-    for path in (out, journal):
-        path.unlink(missing_ok=True)
-    command = [
-        PYTHON,
-        "-m",
-        "app.cli",
-        "tag",
-        str(library),
-        "--checkpoint",
-        str(checkpoint),
-        "--out",
-        str(out),
-        "--progress",
-        "none",
-        *extra,
-    ]
+    command = tag_command(library, checkpoint, out, *extra)
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
     summary = result.stderr.strip().splitlines()[-1]
@@ -127,26 +121,9 @@ def memory_library(out: Path, count: int) -> Path:
 
 def memory_run(library: Path, checkpoint: Path, out: Path, count: int) -> dict:
     """RSS of ``phototag tag`` sampled every second over a large library (sidecars and all)."""
-    results = out / "memory.jsonl"
-    for path in (results, results.with_name(results.name + ".journal")):
-        path.unlink(missing_ok=True)
     for sidecar in library.rglob("*.xmp"):
         sidecar.unlink()
-    command = [
-        PYTHON,
-        "-m",
-        "app.cli",
-        "tag",
-        str(library),
-        "--checkpoint",
-        str(checkpoint),
-        "--out",
-        str(results),
-        "--progress",
-        "none",
-        "--people",
-        "off",
-    ]
+    command = tag_command(library, checkpoint, out / "memory.jsonl", "--people", "off")
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     samples: list[tuple[float, float]] = []  # (s, MB)
     started = time.monotonic()
