@@ -6,6 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The default checkpoint as the examples show it (python -m model.pretrained builds this version).
+EXAMPLE_MODEL = {"id": "default", "name": "imagenet-efficientnet-lite0", "version": "14b479ab4b9f"}
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(
@@ -81,7 +84,7 @@ class ModelRef(BaseModel):
     version: str = Field(
         description="A digest of what the model computes: its weights and the card fields that "
         "change probabilities or tags (not its name, description, date or metrics).",
-        examples=["5e8d7dcba80b"],
+        examples=[EXAMPLE_MODEL["version"]],
     )
 
 
@@ -90,11 +93,7 @@ class TagResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model": {
-                        "id": "default",
-                        "name": "imagenet-efficientnet-lite0",
-                        "version": "5e8d7dcba80b",
-                    },
+                    "model": EXAMPLE_MODEL,
                     "results": [
                         {
                             "filename": "cat.jpg",
@@ -180,11 +179,7 @@ class ExplainResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model": {
-                        "id": "default",
-                        "name": "imagenet-efficientnet-lite0",
-                        "version": "5e8d7dcba80b",
-                    },
+                    "model": EXAMPLE_MODEL,
                     "filename": "cat.jpg",
                     "tag": {"label": "cat", "probability": 0.86, "path": ["animal", "cat"]},
                     "method": "hirescam",

@@ -105,3 +105,15 @@ def test_a_photo_nothing_in_the_vocabulary_fits_gets_no_junk_tags(default_checkp
     buffer = io.BytesIO()
     Image.fromarray(skimage_data.hubble_deep_field()).save(buffer, format="JPEG", quality=90)
     assert load_tagger(default_checkpoint).tag(buffer.getvalue()) == []
+
+
+def test_the_api_examples_show_the_default_checkpoints_version(default_checkpoint: Path):
+    """The version names what the model computes, so it is the same on every machine: the
+    OpenAPI examples (and the README) can show the real one."""
+    from app.schemas import EXAMPLE_MODEL
+
+    assert load(default_checkpoint).version == EXAMPLE_MODEL["version"]
+    assert (
+        f'"version": "{EXAMPLE_MODEL["version"]}"'
+        in (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    )
