@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -224,9 +224,6 @@ class BatchTagger:
         ]
         rows = self.tag(list(self._pool.map(self.prepare, candidates)))
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
-
-    def options_dict(self) -> dict:
-        return asdict(self.options)
 
 
 class Remover:
