@@ -229,13 +229,14 @@ def seed_cnn_feature_shape(
     pool_stride: int = 2,
     convs_per_block: int = 1,
     pool_first: bool = False,
+    whiten: int = 0,
 ) -> tuple[int, int, int]:
     """(channels, height, width) of the last conv block's output, by the output-size arithmetic."""
     blocks = len(widths)
     kernels = _per_block(kernel_sizes, blocks, "kernel_sizes")
     conv_strides = _per_block(strides, blocks, "strides")
     pads = _per_block(paddings, blocks, "paddings")
-    size = input_size
+    size = conv_output_size(input_size, whiten) if whiten else input_size  # unpadded patches
     for kernel, stride, pad in zip(kernels, conv_strides, pads, strict=True):
         size = conv_output_size(size, kernel, stride, pad)  # first conv of the block
         if pool_first:
@@ -245,6 +246,75 @@ def seed_cnn_feature_shape(
         if not pool_first:
             size = conv_output_size(size, pool_size, pool_stride)
     return widths[-1], size, size
+
+
+class PatchWhitening(nn.Conv2d):
+    """A first convolution that whitens ``kernel`` x ``kernel`` patches, fitted to the training
+    photos rather than learned (airbench's first layer).
+
+    Its ``2 * C * k * k`` filters are the eigenvectors of the patches' covariance, each scaled by
+    ``1 / sqrt(eigenvalue + eps)``, and their negatives (the activation after it then keeps both
+    signs of every component). :meth:`fit` sets them; the weight never trains, the bias does
+    (the trainer's ``--whiten-bias-epochs`` freezes it after a few epochs). No padding: the
+    output is ``kernel - 1`` pixels smaller.
+    """
+
+    def __init__(self, in_channels: int, kernel: int, eps: float = 5e-4):
+        super().__init__(in_channels, 2 * in_channels * kernel * kernel, kernel, bias=True)
+        self.eps = eps
+        self.weight.requires_grad_(False)
+        nn.init.zeros_(self.bias)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> every k x k patch, (N * H' * W', C * k * k) in the weight's order."""
+        k = self.kernel_size[0]
+        windows = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
+        return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, self.in_channels * k * k)
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> None:
+        """Set the filters from normalised training photos (N, C, H, W)."""
+        patches = self.patches(images).double()
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+        filters = eigenvectors.T / (eigenvalues.clamp_min(0) + self.eps).sqrt()[:, None]
+        filters = filters.flip(0).reshape(-1, *self.weight.shape[1:])  # largest component first
+        self.weight.copy_(torch.cat([filters, -filters]).float())
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a constant (airbench's downscaled logits: a scale of 1/9 before
+    the linear head)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "gelu": nn.GELU,
+}
+
+
+def _conv(c_in: int, c_out: int, kernel: int, stride: int, pad: int, bias: bool, dirac: bool):
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, pad, bias=bias)
+    if dirac and c_out >= c_in:
+        with torch.no_grad():  # the first c_in filters pass their input channel through
+            nn.init.dirac_(conv.weight[:c_in])
+    return conv
+
+
+def _norm(width: int, momentum: float, eps: float, scale: bool) -> nn.BatchNorm2d:
+    norm = nn.BatchNorm2d(width, eps=eps, momentum=momentum)
+    norm.weight.requires_grad_(scale)
+    return norm
 
 
 @register("seed_cnn")
@@ -264,6 +334,15 @@ def seed_cnn(
     hidden: Sequence[int] = (256,),
     dropout: float = 0.5,
     pool_first: bool = False,
+    pool_before_norm: bool = False,
+    whiten: int = 0,
+    activation: str = "relu",
+    dirac: bool = False,
+    bn_momentum: float = 0.1,
+    bn_eps: float = 1e-5,
+    bn_scale: bool = True,
+    global_max_pool: bool = False,
+    feature_scale: float = 1.0,
 ) -> TaggerNet:
     """Conv(kernel, stride, padding) -> [BatchNorm] -> ReLU, ``convs_per_block`` times, then
     MaxPool(size, stride); one such block per entry of ``widths``; flatten; fully-connected layers
@@ -274,26 +353,42 @@ def seed_cnn(
 
     ``pool_first`` pools right after each block's first conv instead of after its last, so the
     block's further convs run on a quarter of the pixels (the ResNet-9/airbench layout): with two
-    convs per block, about half the FLOPs for the same widths.
+    convs per block, about half the FLOPs for the same widths. ``pool_before_norm`` moves that
+    pool before the BatchNorm and activation (airbench's order), which then run on a quarter of
+    the pixels.
+
+    The rest are airbench's techniques, each off by default (bench/README.md measures them):
+    ``whiten`` > 0 starts with a :class:`PatchWhitening` layer of that patch size; ``activation``
+    is ``relu`` or ``gelu``; ``dirac`` initialises each conv to pass its input channels through
+    (identity filters) in its first filters; ``bn_momentum``/``bn_eps`` are BatchNorm's (torch's
+    meaning: the weight of the new batch in the running statistics); ``bn_scale`` false freezes
+    the BatchNorm scales at 1 (only their biases learn); ``global_max_pool`` takes the maximum of
+    each channel of the last map instead of flattening it; ``feature_scale`` multiplies the
+    features the linear head reads (1/9 in airbench: smaller logits early on).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     blocks = len(widths)
     kernels = _per_block(kernel_sizes, blocks, "kernel_sizes")
     conv_strides = _per_block(strides, blocks, "strides")
     pads = _per_block(paddings, blocks, "paddings")
     layers: list[nn.Module] = []
     channels = in_channels
+    if whiten:
+        layers += [PatchWhitening(in_channels, whiten), ACTIVATIONS[activation]()]
+        channels = layers[0].out_channels
     for width, kernel, stride, pad in zip(widths, kernels, conv_strides, pads, strict=True):
         for i in range(convs_per_block):
-            layers.append(
-                nn.Conv2d(
-                    channels, width, kernel, stride if i == 0 else 1, pad, bias=not batch_norm
-                )
-            )
+            first_stride = stride if i == 0 else 1
+            layers.append(_conv(channels, width, kernel, first_stride, pad, not batch_norm, dirac))
+            pool_here = pool_first and i == 0
+            if pool_here and pool_before_norm:
+                layers.append(nn.MaxPool2d(pool_size, pool_stride))
             if batch_norm:
-                layers.append(nn.BatchNorm2d(width))
-            layers.append(nn.ReLU(inplace=True))
+                layers.append(_norm(width, bn_momentum, bn_eps, bn_scale))
+            layers.append(ACTIVATIONS[activation]())
             channels = width
-            if pool_first and i == 0:
+            if pool_here and not pool_before_norm:
                 layers.append(nn.MaxPool2d(pool_size, pool_stride))
         if not pool_first:
             layers.append(nn.MaxPool2d(pool_size, pool_stride))
@@ -307,12 +402,18 @@ def seed_cnn(
         pool_stride,
         convs_per_block,
         pool_first,
+        whiten,
     )
+    if global_max_pool:
+        layers.append(nn.AdaptiveMaxPool2d(1))  # (B, C, H, W) -> (B, C, 1, 1)
+        h = w = 1
     layers.append(nn.Flatten())  # (B, C, H, W) -> (B, C*H*W)
     features = c * h * w
     for size in hidden:
-        layers += [nn.Dropout(dropout), nn.Linear(features, size), nn.ReLU(inplace=True)]
+        layers += [nn.Dropout(dropout), nn.Linear(features, size), ACTIVATIONS[activation]()]
         features = size
+    if feature_scale != 1:
+        layers.append(Scale(feature_scale))
     return TaggerNet(nn.Sequential(*layers), features, num_classes, dropout)
 
 
