@@ -196,6 +196,7 @@ async def model_info(served: ServedDep) -> ModelInfo:
         classes=card.classes,
         preprocessing=card.preprocess.to_dict(),
         temperature=card.temperature,
+        tta=card.tta,
         thresholds=card.thresholds,
         vocabulary=vocabulary_tags(served.tagger),
         metrics=card.metrics,

@@ -147,6 +147,10 @@ class ModelInfo(BaseModel):
     classes: list[str]
     preprocessing: dict[str, Any]
     temperature: float
+    tta: str = Field(
+        description="Test-time augmentation applied to every photo: none, flip (2 views) or "
+        "flip_shift (6 views); the probabilities average the views' logits."
+    )
     thresholds: list[float] | None
     vocabulary: list[VocabularyTag] | None = Field(
         description="The tags the model returns by default, each with the classes it gathers; "

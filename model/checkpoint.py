@@ -26,6 +26,7 @@ from torch import nn
 
 from model import architectures
 from model.preprocess import Preprocess
+from model.tta import NAMES as TTA_NAMES
 from model.vocabulary import Vocabulary, VocabularyError
 
 FORMAT_VERSION = 1
@@ -57,6 +58,7 @@ class ModelCard:
     vocabulary: dict[str, Any] | None = (
         None  # the tags people see (model.vocabulary); None: classes
     )
+    tta: str = "none"  # test-time augmentation the server applies: none | flip | flip_shift
     metrics: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str | None = None
     training: dict[str, Any] = field(default_factory=dict)  # the TrainConfig that produced it
@@ -90,6 +92,8 @@ class ModelCard:
             raise CheckpointError(
                 f"{len(self.thresholds)} thresholds for {len(self.classes)} classes"
             )
+        if self.tta not in TTA_NAMES:
+            raise CheckpointError(f"tta must be one of {', '.join(TTA_NAMES)}, got {self.tta!r}")
         if self.vocabulary is not None:
             try:
                 Vocabulary.from_dict(self.vocabulary, self.classes)
@@ -136,7 +140,11 @@ class ModelCard:
 # be, and how well it measured. A new card field must join one of the two (a test checks).
 OUTPUT_FIELDS = (
     "arch", "arch_args", "task", "classes", "preprocess", "temperature", "thresholds", "vocabulary",
+    "tta",
 )  # fmt: skip
+# Output fields added since the version rule was made, left out of the digest at their default
+# so that every earlier file keeps its version.
+LATER_FIELDS = {"tta": "none"}
 PROVENANCE_FIELDS = (
     "name", "metrics", "data_fingerprint", "training", "description", "created_at",
     "format_version",
@@ -152,7 +160,11 @@ def output_version(card: ModelCard, tensors: Mapping[str, torch.Tensor]) -> str:
 
 def _digest(card: ModelCard, tensors: Mapping[str, torch.Tensor], fields: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
-    outputs = {name: getattr(card, name) for name in fields}
+    outputs = {
+        name: getattr(card, name)
+        for name in fields
+        if name not in LATER_FIELDS or getattr(card, name) != LATER_FIELDS[name]
+    }
     outputs["preprocess"] = card.preprocess.to_dict()
     digest.update(json.dumps(outputs, sort_keys=True).encode())
     for name in sorted(tensors):
@@ -165,7 +177,7 @@ def _digest(card: ModelCard, tensors: Mapping[str, torch.Tensor], fields: tuple[
 # What the class probabilities depend on: every tensor and these card fields. Custom tags read
 # the probabilities (model.custom_tags), so this version, not :func:`output_version`, is what
 # they are tied to: a new vocabulary or new thresholds leave them valid.
-PROBABILITY_FIELDS = ("arch", "arch_args", "task", "classes", "preprocess", "temperature")
+PROBABILITY_FIELDS = ("arch", "arch_args", "task", "classes", "preprocess", "temperature", "tta")
 
 
 def probabilities_version(card: ModelCard, tensors: Mapping[str, torch.Tensor]) -> str:

@@ -29,6 +29,7 @@ from model.checkpoint import Checkpoint, CheckpointError, ModelCard, atomic_writ
 from model.imageio import open_rgb
 from model.preprocess import Preprocess, build_eval_transform
 from model.runtime import ConfigError, resolve_device
+from model.tta import TTA
 from model.vocabulary import Vocabulary, tag_report
 
 SPLITS = ("test", "val", "train", "all")
@@ -41,29 +42,32 @@ class EvaluationError(Exception):
 # ---------------------------------------------------------------- reusable pieces
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Mixed precision's type: float16 on CUDA, bfloat16 on the CPU."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 @torch.no_grad()  # not inference_mode: training fits its temperature on these with autograd
 def predict(
     model: nn.Module,
     loader: Iterable[tuple[Tensor, Tensor]],
     device: str | torch.device,
     temperature: float = 1.0,
-    tta_flip: bool = False,
+    tta: TTA = TTA(),
     amp: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` over ``loader``: logits / ``temperature`` (N, C) float32 and the targets
-    (N,) or (N, C), both on the CPU. ``tta_flip`` averages the logits of each photo and its
-    mirror image; ``amp`` runs the network in float16 on CUDA (training's epoch validation)."""
+    (N,) or (N, C), both on the CPU. ``tta`` averages the logits of views of each photo;
+    ``amp`` runs the network in mixed precision (training's epoch validation)."""
     device = torch.device(device)
     model.eval()
     all_logits, all_targets = [], []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)  # (B, 3, H, W)
-        if device.type == "cuda":
+        if device.type == "cuda" or amp:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(images).float()
-            if tta_flip:
-                logits = (logits + model(images.flip(-1)).float()) / 2
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+            logits = tta.logits(model, images)
         all_logits.append(logits.cpu())
         all_targets.append(torch.as_tensor(targets).cpu())
     if not all_logits:
@@ -301,13 +305,13 @@ def photo_logits(
     device: torch.device,
     batch_size: int = 64,
     workers: int = 0,
-    tta_flip: bool = False,
+    tta: TTA = TTA(),
 ) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
     """:func:`predict` on photo files through ``build_eval_transform(preprocess)``: the logits
     and targets of the photos that decode, and the (path, reason) of those that do not."""
     dataset = TolerantPhotoDataset(samples, num_classes, task, build_eval_transform(preprocess))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    logits, targets = predict(model, loader, device, tta_flip=tta_flip)
+    logits, targets = predict(model, loader, device, tta=tta)
     return drop_undecodable(logits, targets, samples)
 
 
@@ -315,7 +319,7 @@ def evaluation_source(
     checkpoint: Checkpoint,
     data_source: str | Path,
     split: str,
-    tta_flip: bool,
+    tta: TTA,
     skipped: Sequence[tuple[str, str]],
 ) -> dict:
     """The ``source`` block of an evaluation: which checkpoint, on which photos."""
@@ -326,7 +330,8 @@ def evaluation_source(
         "arch": checkpoint.card.arch,
         "data": str(data_source),
         "split": split,
-        "tta_flip": tta_flip,
+        "tta_flip": tta.flip,
+        "tta_shift": tta.shift,
         "skipped": [list(item) for item in skipped],
     }
 
@@ -368,6 +373,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tta-flip", action="store_true", help="average with mirrored photos")
     parser.add_argument(
+        "--tta-shift",
+        action="store_true",
+        help="with --tta-flip: also average views shifted by one pixel (6 in all)",
+    )
+    parser.add_argument(
         "--val-fraction",
         type=float,
         default=0.2,
@@ -388,15 +398,24 @@ def run(args: argparse.Namespace) -> dict:
     model = checkpoint.build_model(device)
     logits, targets, undecodable = photo_logits(
         model, samples, len(card.classes), card.task, card.preprocess, device,
-        args.batch_size, workers, args.tta_flip,
+        args.batch_size, workers, tta_views(args, card),
     )  # fmt: skip
     vocabulary = Vocabulary.from_dict(card.vocabulary, card.classes) if card.vocabulary else None
     result = evaluate_predictions(
         logits, targets, card.classes, card.task, card.temperature, card.thresholds, vocabulary
     )
     skipped = [*spec.skipped, *undecodable]
-    source = evaluation_source(checkpoint, args.data, split, args.tta_flip, skipped)
+    source = evaluation_source(checkpoint, args.data, split, tta_views(args, card), skipped)
     return {"source": source, **result}
+
+
+def tta_views(args: argparse.Namespace, card: ModelCard) -> TTA:
+    """The card's TTA (what the server applies), or the views the flags ask for."""
+    if args.tta_shift and not args.tta_flip:
+        raise ConfigError("--tta-shift adds views to --tta-flip; give both")
+    if args.tta_flip:
+        return TTA(flip=True, shift=args.tta_shift)
+    return TTA.named(card.tta)
 
 
 def default_out(args: argparse.Namespace, split: str) -> Path:

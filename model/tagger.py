@@ -34,6 +34,7 @@ from model.explain import Explainer, Heatmap, Target, class_target, vocabulary_t
 from model.people import FaceDetector, people_tags
 from model.preprocess import normalize, resize_and_crop
 from model.runtime import Runtime, RuntimeChoice, create_runtime
+from model.tta import TTA
 from model.vocabulary import Vocabulary
 
 log = logging.getLogger("phototag.tagger")
@@ -118,6 +119,7 @@ class Tagger:
         self.file_digest = checkpoint.file_digest
         self.path = checkpoint.path
         self.runtime = runtime
+        self.tta = TTA.named(self.card.tta)
         # the weights, for the torch copy explanations build when first asked (the runtime's
         # network may have no gradients: OpenVINO); let go once that copy holds them
         self._checkpoint: Checkpoint | None = checkpoint
@@ -232,13 +234,23 @@ class Tagger:
         multiply over the batch) and the pooled features."""
         heads = self.custom_heads  # read once: a swap during the pass waits for the next
         batch = batch.to(self.device, non_blocking=True)
-        logits, features = self.runtime.run(normalize(batch, self.card.preprocess))
+        logits, features = self._run(normalize(batch, self.card.preprocess))
         logits = logits / self.card.temperature
         if self.card.task == "multi_label":
             probabilities = torch.sigmoid(logits).cpu()
         else:
             probabilities = torch.softmax(logits, dim=1).cpu()
         return Scores(probabilities, heads.probabilities(probabilities), features.cpu(), heads)
+
+    def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The runtime's logits and features; with the card's TTA, the logits averaged over the
+        views (:mod:`model.tta`) and the features of the photo itself."""
+        views = self.tta.views(batch)
+        if len(views) == 1:
+            return self.runtime.run(batch)
+        outputs = [self.runtime.run(view) for _, view in views]
+        logits = sum(weight * out.logits for (weight, _), out in zip(views, outputs, strict=True))
+        return logits, outputs[0].features
 
     def tags(
         self,

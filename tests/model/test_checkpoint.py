@@ -76,6 +76,8 @@ def test_rewriting_the_provenance_keeps_the_version(tiny_checkpoint, tmp_path, p
         {"preprocess": {"resize": 40, "crop": 32}},
         {"preprocess": {"resize": 36, "crop": 32, "interpolation": "bicubic"}},
         {"arch_args": {**TINY_ARCH_ARGS, "dropout": 0.3}},
+        {"tta": "flip"},
+        {"tta": "flip_shift"},
     ],
 )
 def test_whatever_changes_the_outputs_changes_the_version(tiny_checkpoint, tmp_path, output):
@@ -96,6 +98,23 @@ def test_thresholds_and_weights_are_part_of_the_version(tmp_path: Path):
     weights[name].view(-1)[0] += 1e-3  # one weight, a little
     changed = save(tmp_path / "w.safetensors", weights, loaded.card)
     assert load(changed).version != loaded.version
+
+
+def test_an_output_field_added_later_keeps_earlier_versions_at_its_default(tiny_checkpoint):
+    """``tta`` joined the card after versions were published: at its default ("none") the
+    digest is the one computed without it, so no earlier file changes its version."""
+    from model.checkpoint import LATER_FIELDS, OUTPUT_FIELDS, _digest
+
+    loaded = load(tiny_checkpoint)
+    assert loaded.card.tta == LATER_FIELDS["tta"] == "none"
+    before = tuple(name for name in OUTPUT_FIELDS if name not in LATER_FIELDS)
+    assert loaded.version == _digest(loaded.card, loaded.state_dict, before)
+
+
+def test_a_card_refuses_an_unknown_tta(tiny_checkpoint, tmp_path):
+    rewritten = rewrite_card(tiny_checkpoint, tmp_path / "x.safetensors", tta="mirror")
+    with pytest.raises(CheckpointError, match="tta must be one of"):
+        load(rewritten)
 
 
 def test_every_card_field_is_either_an_output_or_provenance():

@@ -12,6 +12,7 @@ from torch import nn
 
 from model import evaluate
 from model.checkpoint import load
+from model.tta import TTA
 from tests.helpers import (
     COLORS,
     TINY_CLASSES,
@@ -51,7 +52,7 @@ def test_predict_divides_by_the_temperature_and_averages_flips():
     logits, targets = evaluate.predict(model, loader, "cpu", temperature=2.0)
     assert torch.allclose(logits, model(images) / 2)
     assert targets.tolist() == [0, 1, 0, 1, 1]
-    flipped, _ = evaluate.predict(model, loader, "cpu", tta_flip=True)
+    flipped, _ = evaluate.predict(model, loader, "cpu", tta=TTA(flip=True))
     assert torch.allclose(flipped, (model(images) + model(images.flip(-1))) / 2)
 
 
