@@ -423,6 +423,7 @@ class Augment:
     random_resized_crop: bool = True  # zoom: crop a random area, resize it to the crop size
     crop_scale_min: float = 0.25  # smallest crop area, as a fraction of the image
     hflip: bool = True  # mirror left-right with probability 1/2
+    alternate_flip: bool = False  # hflip: a random half in epoch 1, then each photo every other
     vflip: bool = False  # mirror top-bottom (aerial or microscope photos)
     translate: float = 0.0  # shift by up to this fraction of the crop size (reflect padding)
     color_jitter: float = 0.2  # brightness/contrast/saturation +-this, hue +-this/4; 0 = off
@@ -486,9 +487,12 @@ def _shift_pixels(pre: Preprocess, aug: Augment) -> int:
     return max(1, round(aug.translate * pre.crop))
 
 
-def augment_batch(images: torch.Tensor, pre: Preprocess, aug: Augment) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, pre: Preprocess, aug: Augment, flips: torch.Tensor | None = None
+) -> torch.Tensor:
     """The batched twin of :func:`build_train_transform` for ``aug.batchable`` settings:
-    uint8 (B, 3, H, W) at the working size -> normalised float (B, 3, crop, crop)."""
+    uint8 (B, 3, H, W) at the working size -> normalised float (B, 3, crop, crop). ``flips``
+    (B,) bool says which photos to mirror (alternating flips); None: each with probability 1/2."""
     batch, _, height, width = images.shape
     pad = _shift_pixels(pre, aug) if aug.translate > 0 else 0
     if pad:
@@ -503,7 +507,9 @@ def augment_batch(images: torch.Tensor, pre: Preprocess, aug: Augment) -> torch.
         ]
     )
     if aug.hflip:
-        crops = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, crops.flip(-1), crops)
+        if flips is None:
+            flips = torch.rand(batch) < 0.5
+        crops = torch.where(flips.view(-1, 1, 1, 1), crops.flip(-1), crops)
     if aug.vflip:
         crops = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, crops.flip(-2), crops)
     return normalize(crops, pre)

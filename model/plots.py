@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 LOSS_KEYS = ("train_loss", "val_loss")
-SCORE_KEYS = ("train_acc", "val_acc", "val_acc_tta", "val_top5", "val_mAP", "val_macro_f1")
+SCORE_KEYS = ("train_acc", "val_acc", "val_top5", "val_mAP", "val_macro_f1")
 _BEFORE, _AFTER = "tab:red", "tab:blue"
 
 

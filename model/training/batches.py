@@ -110,6 +110,9 @@ class TrainBatches:
             cache,
         )
         self.targets = self.dataset.targets()
+        # alternating flips: each photo's flip in even epochs, drawn once; odd epochs invert it
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.first_flips = torch.rand(len(spec.train), generator=generator) < 0.5
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.sampler), self.batch_size)
@@ -118,7 +121,7 @@ class TrainBatches:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)
         if self.stack is not None:
-            return self._tensor_batches()
+            return self._tensor_batches(epoch)
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -129,12 +132,19 @@ class TrainBatches:
         )
         return iter(loader)
 
-    def _tensor_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _tensor_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(list(self.sampler))
+        aug = self.cfg.augment
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            images = data.augment_batch(self.stack[index], self.pre, self.cfg.augment)
+            flips = self.flips(index, epoch) if aug.alternate_flip else None
+            images = data.augment_batch(self.stack[index], self.pre, aug, flips)
             yield images, self.targets[index]
+
+    def flips(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Alternating flips: which of these photos are mirrored in ``epoch``. Every photo is
+        seen both ways in every two epochs, where random flips leave a quarter one way only."""
+        return self.first_flips[index] ^ bool(epoch % 2)
 
 
 def _seed_worker(worker_id: int) -> None:

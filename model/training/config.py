@@ -11,6 +11,7 @@ from model import architectures
 from model.data import Augment
 from model.preprocess import Preprocess
 from model.runtime import ConfigError
+from model.tta import TTA
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -39,13 +40,19 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear warmup, in epochs (fractions allowed)
     label_smoothing: float = 0.1  # cross-entropy target smoothing (0 = off)
     ema_decay: float = 0.0  # exponential moving average of weights per step; 0 = off
+    lookahead_every: int = 0  # every N steps pull the weights back to their slow average; 0 = off
+    lookahead_decay: float = 0.95  # lookahead's per-step decay, scaled by progress cubed (airbench)
+    norm_lr_scale: float = 1.0  # LR multiplier of the batch-norm parameters (airbench: 64)
+    whiten_bias_epochs: int = 0  # seed_cnn whiten: its bias trains this many epochs; 0 = always
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     balance: Literal["none", "loss", "sampler"] = "none"  # none | loss (weighted) | sampler
     resize: int = 0  # shorter side before the crop (px), the cache's size; 0: 256, seed_cnn: crop
     crop: int = 0  # square network input (px); 0: 224, seed_cnn: its input_size (32)
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"  # resize filter
     augment: Augment = field(default_factory=Augment)  # training augmentation
-    tta_flip: bool = False  # also measure validation with horizontal-flip test-time averaging
+    tta_flip: bool = False  # also measure the final model with flip test-time averaging
+    tta_shift: bool = False  # with --tta-flip: also average views shifted by 1 px (6 in all)
+    serve_tta: bool = False  # the card asks the server to apply these TTA views (its val numbers)
     tag_precision: float = 0.95  # tags with paths (a/b/c): thresholds fitted to this precision
     val_fraction: float = 0.2  # of each class held out for validation when there is no val split
     patience: int = 5  # early stopping: epochs without a better validation score; 0 = never
@@ -53,7 +60,8 @@ class TrainConfig:
     cache: bool = True  # decode every photo once at the working size and keep it in memory
     workers: int = 2  # data-loading processes (0 = in the main process)
     threads: int = 0  # torch CPU threads (0 = torch's default, one per core)
-    amp: bool = True  # mixed precision and channels-last, on CUDA only
+    amp: bool = True  # mixed precision (float16) and channels-last, on CUDA
+    cpu_amp: bool = False  # bfloat16 mixed precision and channels-last on the CPU (AVX-512 BF16)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
@@ -82,11 +90,24 @@ class TrainConfig:
                      "patience", "workers", "threads", "resize", "crop"):  # fmt: skip
             if getattr(self, name) < 0:
                 _fail(name, f"must not be negative, got {getattr(self, name)}")
-        for name in ("label_smoothing", "ema_decay", "val_fraction"):
+        for name in ("lookahead_every", "norm_lr_scale", "whiten_bias_epochs"):
+            if getattr(self, name) < 0:
+                _fail(name, f"must not be negative, got {getattr(self, name)}")
+        for name in ("label_smoothing", "ema_decay", "val_fraction", "lookahead_decay"):
             if not 0 <= getattr(self, name) < 1:
                 _fail(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.tag_precision <= 1:
             _fail("tag_precision", f"must be in (0, 1], got {self.tag_precision}")
+        if self.tta_shift and not self.tta_flip:
+            _fail("tta_shift", "adds views to --tta-flip; give both")
+        if self.serve_tta and not self.tta_flip:
+            _fail("serve_tta", "serves the --tta-flip views; give --tta-flip (and --tta-shift)")
+        if self.augment.alternate_flip and not (self.augment.hflip and self.augment.batchable):
+            _fail(
+                "alternate_flip",
+                "needs --hflip and the batched augmentation (no random-resized-crop, color "
+                "jitter, trivial-augment or random erasing)",
+            )
 
     def _check_weights(self) -> None:
         """One source of starting weights: ``--pretrained`` or ``--weights`` (an arch-arg
@@ -136,6 +157,15 @@ class TrainConfig:
         if self.pretrained:
             return architectures.pretrained_weights(self.arch).name
         return self.weights
+
+    @property
+    def tta(self) -> TTA:
+        """The run's TTA views (measured at the end; served with ``serve_tta``)."""
+        return TTA(flip=self.tta_flip, shift=self.tta_shift)
+
+    @property
+    def served_tta(self) -> TTA:
+        return self.tta if self.serve_tta else TTA()
 
     def preprocess(self) -> Preprocess:
         return Preprocess(self.resize, self.crop, interpolation=self.interpolation)

@@ -23,6 +23,7 @@ from model.checkpoint import ModelCard, atomic_write_bytes, save
 from model.runtime import resolve_device
 from model.training.batches import TrainBatches, eval_batches, prepare_data
 from model.training.config import TrainConfig
+from model.training.lookahead import Lookahead
 from model.training.processes import Dist, Log, broadcast
 from model.training.recipe import (
     build_network,
@@ -34,6 +35,7 @@ from model.training.recipe import (
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best.safetensors"
+WHITENING_PHOTOS = 5000  # photos a PatchWhitening layer is fitted on (airbench's count)
 LAST_FILE = "last.safetensors"
 
 
@@ -56,7 +58,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device, ddp.local_rank)
         self.cuda = self.device.type == "cuda"
-        self.amp = cfg.amp and self.cuda
+        self.amp = cfg.amp if self.cuda else cfg.cpu_amp  # float16 on CUDA, bfloat16 on the CPU
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed + ddp.rank)
@@ -67,17 +69,27 @@ class Trainer:
         self.val_batches = eval_batches(
             self.spec.val, self.spec, self.cache, self.pre, 2 * cfg.batch_size, cfg.workers
         )
-        self.net = build_network(cfg, self.spec.num_classes).to(self.device)
+        self.net = build_network(cfg, self.spec.num_classes)
+        if cfg.weights_source is None:
+            fit_whitening(self.net, self.whitening_photos())
+        self.net = self.net.to(self.device)
         if self.amp:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.trainable = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.net, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_batches))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.total_steps = cfg.epochs * len(self.train_batches)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.cuda)
         self.ema = (
             AveragedModel(
                 self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
             )
             if cfg.ema_decay > 0
+            else None
+        )
+        self.lookahead = (
+            Lookahead(self.net, cfg.lookahead_every, cfg.lookahead_decay)
+            if cfg.lookahead_every > 0
             else None
         )
         self.loss_fn = loss_function(self.spec, cfg, self.device)
@@ -93,6 +105,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead else None,
             "progress": asdict(self.progress),
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -111,6 +124,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.lookahead and state.get("lookahead") is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
         self.progress = Progress(**state["progress"])
         torch.set_rng_state(state["rng"]["torch"])
         if self.cuda and state["rng"]["cuda"]:
@@ -125,6 +140,14 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------------
 
+    def whitening_photos(self) -> torch.Tensor:
+        """Up to :data:`WHITENING_PHOTOS` training photos through the eval transform."""
+        count = min(WHITENING_PHOTOS, len(self.spec.train))
+        batches = eval_batches(
+            self.spec.train[:count], self.spec, self.cache, self.pre, count, workers=0
+        )
+        return next(batches())[0]
+
     def frozen(self, epoch: int) -> bool:
         """Fine-tuning starts with the head alone: a fresh head's large gradients would
         otherwise wreck the pretrained features before it has learned anything."""
@@ -135,7 +158,13 @@ class Trainer:
         torchrun job; the wrapper is rebuilt per epoch since freezing changes what it syncs."""
         frozen = self.frozen(epoch)
         self.net.train()
-        self.net.features.requires_grad_(not frozen)
+        backbone = {id(p) for p in self.net.features.parameters()}
+        for p in self.trainable:
+            p.requires_grad_(not (frozen and id(p) in backbone))
+        whiten_bias = self.cfg.whiten_bias_epochs == 0 or epoch < self.cfg.whiten_bias_epochs
+        for module in self.net.modules():
+            if isinstance(module, architectures.PatchWhitening):
+                module.bias.requires_grad_(whiten_bias and not frozen)
         if frozen:
             self.net.features.eval()  # keep the pretrained batch-norm statistics
         if self.ddp.world == 1:
@@ -174,7 +203,8 @@ class Trainer:
         targets = targets.to(self.device, non_blocking=True)
         if self.amp:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        dtype = evaluate.amp_dtype(self.device)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
             logits = model(images)  # (B, C)
             loss = self.loss_fn(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -187,6 +217,8 @@ class Trainer:
         self.scheduler.step()
         if self.ema:
             self.ema.update_parameters(self.net)
+        if self.lookahead:
+            self.lookahead.step(self.net, self.scheduler.last_epoch, self.total_steps)
         return loss.item(), float(hits(logits.detach(), targets, self.spec.task))
 
     # ---- validation --------------------------------------------------------------------------
@@ -195,11 +227,12 @@ class Trainer:
     def eval_net(self) -> architectures.TaggerNet:
         return self.ema.module if self.ema else self.net
 
-    def predict(self, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (N, C) on the CPU, targets) of the validation photos, through the eval
-        transform from the cache (when there is one)."""
+        transform from the cache (when there is one). TTA is measured once, on the final
+        checkpoint (:func:`model.training.report.finalize`)."""
         batches, net = self.val_batches(), self.eval_net
-        return evaluate.predict(net, batches, self.device, tta_flip=tta_flip, amp=self.amp)
+        return evaluate.predict(net, batches, self.device, amp=self.amp)
 
     def validate(self) -> dict[str, float]:
         logits, targets = self.predict()
@@ -209,10 +242,6 @@ class Trainer:
         if task == "multi_label":
             return row | {"val_mAP": result["mAP"]}
         row["val_acc"] = result["accuracy"]
-        if self.cfg.tta_flip:
-            tta_logits, _ = self.predict(tta_flip=True)
-            tta = evaluate.evaluate_predictions(tta_logits, targets, classes)
-            row["val_acc_tta"] = tta["accuracy"]
         return row
 
     def score(self, row: dict[str, float]) -> float:
@@ -281,11 +310,20 @@ class Trainer:
             "classes": self.spec.classes,
             "task": self.spec.task,
             "preprocess": self.pre,
+            "tta": cfg.served_tta.name,
             "data_fingerprint": self.spec.fingerprint,
             "training": training,
             "description": f"{cfg.arch} trained by phototag-train on {Path(cfg.data).name}",
         }
         return ModelCard(**(values | fields))
+
+
+def fit_whitening(net: nn.Module, photos: torch.Tensor) -> None:
+    """Fit every :class:`~model.architectures.PatchWhitening` layer (a seed_cnn ``whiten``) to
+    normalised training photos, before training; it is the first layer, so it sees them raw."""
+    for module in net.modules():
+        if isinstance(module, architectures.PatchWhitening):
+            module.fit(photos)
 
 
 def hits(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
@@ -298,7 +336,7 @@ def hits(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor
 
 def epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
     parts = [f"epoch {row['epoch']}/{epochs} ({row['phase']})"]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_acc_tta", "val_mAP"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_mAP"):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"lr {row['lr']:.2e} {row['images_per_s']:.0f} img/s {row['seconds']:.1f}s")

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from model import architectures, data
 from model.runtime import ConfigError
@@ -31,23 +32,28 @@ def effective_arch_args(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def param_groups(net: architectures.TaggerNet, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Backbone and head, each split into decayed weights and undecayed biases/norms; every group
-    carries its ``lr_scale`` (the backbone's is lower when fine-tuning)."""
+    """Backbone and head, each split into decayed weights, undecayed biases and undecayed
+    batch-norm parameters; every group carries its ``lr_scale`` (the backbone's is lower when
+    fine-tuning, batch norm's ``norm_lr_scale`` times higher). Frozen parameters are left out."""
     backbone_scale = cfg.backbone_lr_scale if cfg.fine_tuning else 1.0
     groups = []
     for module, scale in ((net.features, backbone_scale), (net.head, 1.0)):
-        params = list(module.parameters())
-        for decay, chosen in (
-            (True, [p for p in params if p.ndim > 1]),
-            (False, [p for p in params if p.ndim <= 1]),
+        norms = {
+            id(p) for m in module.modules() if isinstance(m, _BatchNorm) for p in m.parameters()
+        }
+        params = [p for p in module.parameters() if p.requires_grad]
+        for decay, group_scale, chosen in (
+            (True, scale, [p for p in params if p.ndim > 1]),
+            (False, scale, [p for p in params if p.ndim <= 1 and id(p) not in norms]),
+            (False, scale * cfg.norm_lr_scale, [p for p in params if id(p) in norms]),
         ):
             if chosen:
                 groups.append(
                     {
                         "params": chosen,
                         "weight_decay": cfg.weight_decay if decay else 0.0,
-                        "lr": cfg.lr * scale,
-                        "lr_scale": scale,
+                        "lr": cfg.lr * group_scale,
+                        "lr_scale": group_scale,
                     }
                 )
     return groups

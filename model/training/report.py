@@ -14,6 +14,7 @@ from torch import nn
 from model import checkpoint, data, evaluate, metrics, plots
 from model.checkpoint import atomic_write_bytes, save
 from model.training.loop import BEST_FILE, Trainer
+from model.tta import TTA
 from model.vocabulary import SEPARATOR, Vocabulary, apply_thresholds, fit_thresholds
 
 CARD_METRIC_KEYS = (
@@ -30,8 +31,8 @@ def finalize(trainer: Trainer) -> dict[str, Any]:
     best = checkpoint.load(out / BEST_FILE)
     net = best.build_model(trainer.device)  # exactly the served tensors
     names = [
-        "val",
-        *(["val_tta"] if trainer.cfg.tta_flip else []),
+        "val",  # as served: with the run's TTA when the card asks for it
+        *(["val_tta"] if trainer.cfg.tta_flip and not trainer.cfg.serve_tta else []),
         *(["test"] if spec.test else []),
     ]
     measured = {name: measure(trainer, best, net, name) for name in names}
@@ -56,7 +57,7 @@ def finalize(trainer: Trainer) -> dict[str, Any]:
     for name, result in results.items():
         skipped = [*spec.skipped, *measured[name][2]]
         source = evaluate.evaluation_source(
-            final, trainer.cfg.data, split_of(name), name.endswith("_tta"), skipped
+            final, trainer.cfg.data, split_of(name), tta_of(trainer, name), skipped
         )
         evaluate.save_evaluation({"source": source, **result}, out, prefix=f"{name}_")
     write_json(out / "report.json", run_report(trainer, facts))
@@ -68,6 +69,11 @@ def split_of(name: str) -> str:
     return name.removesuffix("_tta")
 
 
+def tta_of(trainer: Trainer, name: str) -> TTA:
+    """The views of evaluation ``name``: the run's TTA for ``val_tta``, else those served."""
+    return trainer.cfg.tta if name.endswith("_tta") else trainer.cfg.served_tta
+
+
 def measure(
     trainer: Trainer, best: checkpoint.Checkpoint, net: nn.Module, name: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
@@ -76,7 +82,7 @@ def measure(
     spec, cfg = trainer.spec, trainer.cfg
     return evaluate.photo_logits(
         net, getattr(spec, split_of(name)), spec.num_classes, spec.task, best.card.preprocess,
-        trainer.device, 2 * cfg.batch_size, cfg.workers, tta_flip=name.endswith("_tta"),
+        trainer.device, 2 * cfg.batch_size, cfg.workers, tta=tta_of(trainer, name),
     )  # fmt: skip
 
 
@@ -164,7 +170,7 @@ def summary_line(results: dict[str, Any], out: Path) -> str:
     else:
         score = f"val accuracy {val['accuracy']:.4f}"
         if "val_tta" in results:
-            score += f" (flip TTA {results['val_tta']['accuracy']:.4f})"
+            score += f" (TTA {results['val_tta']['accuracy']:.4f})"
         calibration = val["calibration"]
         score += (
             f", ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} "
