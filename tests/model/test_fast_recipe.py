@@ -5,6 +5,7 @@ uses them all, resumed and served."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,26 +23,13 @@ from model.training.lookahead import Lookahead
 from model.training.processes import Dist
 from model.training.recipe import param_groups
 from model.tta import TTA
-from tests.helpers import COLORS, photo_bytes, write_photo_folder
+from tests.helpers import COLORS, REPO, photo_bytes, write_photo_folder
 from tests.model.test_train import Interrupted, assert_same_tensors, history, stop_after
 
-FAST_NET = {
-    "widths": [8, 16, 16],
-    "convs_per_block": 2,
-    "pool_first": True,
-    "pool_before_norm": True,
-    "batch_norm": True,
-    "hidden": [],
-    "dropout": 0,
-    "whiten": 2,
-    "activation": "gelu",
-    "dirac": True,
-    "bn_momentum": 0.4,
-    "bn_eps": 1e-12,
-    "bn_scale": False,
-    "global_max_pool": True,
-    "feature_scale": 1 / 9,
-}
+sys.path.insert(0, str(REPO / "bench"))
+import train_cifar10
+
+FAST_NET = train_cifar10.NET | {"widths": [8, 16, 16]}  # the recipe's network, narrow
 
 
 def fast_config(data: Path, out: Path, **overrides) -> train.TrainConfig:
