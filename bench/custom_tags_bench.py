@@ -14,7 +14,11 @@ not the concept (test negatives never taught). Mean over --repeats draws. Varian
 - user N: N negatives drawn from the test pool (and removed from it), plus the built-in ones;
 - user N only: the same N, no built-in negatives;
 - features+weights: the first design, rejected: a head on the L2-normalised pooled features
-  with the classifier's weight rows as the built-in negatives.
+  with the classifier's weight rows as the built-in negatives;
+- seen N: a design measured and not built: N photos "the server has already tagged" (drawn
+  from every other photo, the concept's own remaining photos included, since nobody labelled
+  them; removed from the test) as negatives, in the square-root probabilities and the centred,
+  L2-normalised pooled features together.
 """
 
 from __future__ import annotations
@@ -89,6 +93,45 @@ def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor):
     builtin = not variant.endswith("only")
     result = fit(pos["p"], neg["p"], builtin=builtin)
     return torch.sigmoid(head_inputs(test["p"]) @ result.weight + result.bias), result.threshold
+
+
+def seen_space(photos: dict, center: torch.Tensor) -> torch.Tensor:
+    """The "seen N" head's inputs: sqrt-probabilities and centred, normalised features."""
+    return torch.cat([head_inputs(photos["p"]), F.normalize(photos["f"] - center, dim=1)], 1)
+
+
+def measure_seen(encoded, concept: str, k: int, seen: int, repeats: int) -> list[float]:
+    """Precision, recall and F1 of a tag taught from k positives against ``seen`` unlabelled
+    photos, each group weighing half (L2 1e-2, threshold 0.5), tested on the rest."""
+    key = CONCEPTS[concept]
+    results = []
+    for seed in range(repeats):
+        rng = random.Random(seed)
+        order = list(range(len(encoded[key]["p"])))
+        rng.shuffle(order)
+        others = [v for name, v in encoded.items() if name != key]
+        rest = {n: torch.cat([encoded[key][n][order[k:]], *(v[n] for v in others)]) for n in "pf"}
+        is_concept = torch.zeros(len(rest["p"]), dtype=torch.bool)
+        is_concept[: len(order) - k] = True
+        shuffled = list(range(len(rest["p"])))
+        rng.shuffle(shuffled)
+        seen_idx, test_idx = torch.tensor(shuffled[:seen]), torch.tensor(shuffled[seen:])
+        pos = {n: encoded[key][n][order[:k]] for n in "pf"}
+        unlabelled = {n: rest[n][seen_idx] for n in "pf"}
+        center = unlabelled["f"].mean(0)
+        inputs = torch.cat([seen_space(pos, center), seen_space(unlabelled, center)])
+        labels = torch.cat([torch.ones(k), torch.zeros(seen)])
+        weights = torch.cat([torch.full((k,), 1 / k), torch.full((seen,), 1 / seen)])
+        w, b = _logistic(inputs, labels, weights, l2=1e-2)
+        test = {n: rest[n][test_idx] for n in "pf"}
+        hits = torch.sigmoid(seen_space(test, center) @ w + b) >= 0.5
+        truth = is_concept[test_idx]
+        tp, fp = int((hits & truth).sum()), int((hits & ~truth).sum())
+        precision = tp / (tp + fp) if tp + fp else 1.0
+        recall = tp / int(truth.sum())
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        results.append((precision, recall, f1))
+    return [statistics.mean(r[i] for r in results) for i in range(3)]
 
 
 def measure(encoded, concept: str, k: int, variant: str, users: int, repeats: int, head_weight):
@@ -211,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cifar-per-class", type=int, default=100)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--quality-only", action="store_true", help="the precision/recall table, no timings"
+    )
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"needs the photo sets in {DATA}", file=sys.stderr)
@@ -239,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             for variant, users in variants:
                 p, r, f = measure(encoded, concept, k, variant, users, args.repeats, head_weight)
                 print(f"| {concept} | {k} | {variant} | {p:.3f} | {r:.3f} | {f:.3f} |", flush=True)
+            for seen in (300, 600):
+                p, r, f = measure_seen(encoded, concept, k, seen, args.repeats)
+                row = f"| {concept} | {k} | seen {seen} | {p:.3f} | {r:.3f} | {f:.3f} |"
+                print(row, flush=True)
+    if args.quality_only:
+        return 0
     ants = sets["ants"]
     for k in (5, 10, 20):
         seconds = teaching_time(tagger, ants[:k], [], 3)
