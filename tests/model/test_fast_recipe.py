@@ -328,3 +328,13 @@ def test_whitening_is_fitted_only_on_training_photos(square_photos, tmp_path):
     refit.fit(photos)
     assert torch.allclose(refit.weight, trainer.net.features[0].weight)
     assert architectures.PatchWhitening is PatchWhitening
+
+
+def test_the_recipe_network_is_explained_on_its_last_3x3_map():
+    from model.explain import feature_layer
+
+    net = build("seed_cnn", 10, **train_cifar10.NET)
+    name = feature_layer(net, 32)
+    layer = dict(net.named_modules())[name]
+    assert isinstance(layer, nn.GELU)  # the last block's activation, before the global max-pool
+    assert isinstance(net.features[int(name.split(".")[1]) + 1], nn.AdaptiveMaxPool2d)
