@@ -35,8 +35,8 @@ from model.training.recipe import (
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best.safetensors"
-WHITENING_PHOTOS = 5000  # photos a PatchWhitening layer is fitted on (airbench's count)
 LAST_FILE = "last.safetensors"
+WHITENING_PHOTOS = 5000  # photos a PatchWhitening layer is fitted on (airbench's count)
 
 
 @dataclass
@@ -70,8 +70,11 @@ class Trainer:
             self.spec.val, self.spec, self.cache, self.pre, 2 * cfg.batch_size, cfg.workers
         )
         self.net = build_network(cfg, self.spec.num_classes)
-        if cfg.weights_source is None:
-            fit_whitening(self.net, self.whitening_photos())
+        whitening = [m for m in self.net.modules() if isinstance(m, architectures.PatchWhitening)]
+        if whitening and cfg.weights_source is None:  # fitted here; loaded with the weights
+            photos = self.whitening_photos()
+            for layer in whitening:
+                layer.fit(photos)
         self.net = self.net.to(self.device)
         if self.amp:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -141,7 +144,8 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------
 
     def whitening_photos(self) -> torch.Tensor:
-        """Up to :data:`WHITENING_PHOTOS` training photos through the eval transform."""
+        """Up to :data:`WHITENING_PHOTOS` training photos through the eval transform, which a
+        seed_cnn ``whiten`` layer (the first layer: it sees them as they are) is fitted on."""
         count = min(WHITENING_PHOTOS, len(self.spec.train))
         batches = eval_batches(
             self.spec.train[:count], self.spec, self.cache, self.pre, count, workers=0
@@ -316,14 +320,6 @@ class Trainer:
             "description": f"{cfg.arch} trained by phototag-train on {Path(cfg.data).name}",
         }
         return ModelCard(**(values | fields))
-
-
-def fit_whitening(net: nn.Module, photos: torch.Tensor) -> None:
-    """Fit every :class:`~model.architectures.PatchWhitening` layer (a seed_cnn ``whiten``) to
-    normalised training photos, before training; it is the first layer, so it sees them raw."""
-    for module in net.modules():
-        if isinstance(module, architectures.PatchWhitening):
-            module.fit(photos)
 
 
 def hits(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
