@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from model import data
 from model.preprocess import Preprocess
+from model.runtime import ConfigError
 from model.training.config import TrainConfig
 from model.training.processes import Dist, Log
 
@@ -102,6 +103,11 @@ class TrainBatches:
         self.sampler = make_sampler(spec, cfg, ddp)
         self.batch_size = max(1, cfg.batch_size // ddp.world)
         self.stack = cache.stack(spec.train) if cache and cfg.augment.batchable else None
+        if cfg.augment.alternate_flip and self.stack is None:
+            raise ConfigError(
+                "--alternate-flip: needs the batched augmentation, which needs --cache and "
+                "training photos that all decode to one size (set --resize equal to --crop)"
+            )
         self.dataset = data.PhotoDataset(
             spec.train,
             spec.num_classes,

@@ -87,10 +87,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 _fail(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "freeze_epochs", "weight_decay", "warmup_epochs", "grad_clip",
-                     "patience", "workers", "threads", "resize", "crop"):  # fmt: skip
-            if getattr(self, name) < 0:
-                _fail(name, f"must not be negative, got {getattr(self, name)}")
-        for name in ("lookahead_every", "norm_lr_scale", "whiten_bias_epochs"):
+                     "patience", "workers", "threads", "resize", "crop", "lookahead_every",
+                     "norm_lr_scale", "whiten_bias_epochs"):  # fmt: skip
             if getattr(self, name) < 0:
                 _fail(name, f"must not be negative, got {getattr(self, name)}")
         for name in ("label_smoothing", "ema_decay", "val_fraction", "lookahead_decay"):

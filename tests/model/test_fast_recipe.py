@@ -338,3 +338,10 @@ def test_the_recipe_network_is_explained_on_its_last_3x3_map():
     layer = dict(net.named_modules())[name]
     assert isinstance(layer, nn.GELU)  # the last block's activation, before the global max-pool
     assert isinstance(net.features[int(name.split(".")[1]) + 1], nn.AdaptiveMaxPool2d)
+
+
+def test_alternating_flips_refuse_photos_that_cannot_be_batched(tmp_path):
+    photos = write_photo_folder(tmp_path / "mixed", 4)  # widths vary: no one-size stack
+    cfg = fast_config(photos, tmp_path / "run", resize=40, crop=32)
+    with pytest.raises(ConfigError, match="alternate-flip"):
+        train.train(cfg)
