@@ -262,6 +262,21 @@ def test_batched_shift_and_flip_keep_pixels_and_shapes():
     assert torch.allclose(unchanged, normalize(images, pre))
 
 
+def test_batched_shifts_are_each_photos_own_window_of_its_padded_self():
+    pre = Preprocess(resize=32, crop=32)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    aug = Augment(random_resized_crop=False, color_jitter=0, hflip=False, translate=0.125)
+    torch.manual_seed(3)
+    out = data.augment_batch(images, pre, aug)
+    torch.manual_seed(3)  # the same draws, cropped one photo at a time
+    top, left = torch.randint(0, 9, (6,)), torch.randint(0, 9, (6,))
+    padded = torch.nn.functional.pad(images.float(), (4,) * 4, mode="reflect")
+    expected = torch.stack(
+        [p[:, y : y + 32, x : x + 32] for p, y, x in zip(padded, top, left, strict=True)]
+    )
+    assert torch.equal(out, normalize(expected, pre))
+
+
 def test_fingerprint_follows_files_and_labels_not_location(tmp_path):
     root = make_folder(tmp_path / "a", per_class=3)
     first = load_dataset(root).fingerprint
