@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import architectures, checkpoint, train
+from model import architectures, checkpoint, evaluate, train
 from model.architectures import PatchWhitening, build, seed_cnn_feature_shape
 from model.data import Augment
 from model.preprocess import normalize
@@ -294,6 +294,14 @@ def test_a_served_tta_is_in_the_card_and_the_server_applies_it(square_photos, tm
         logits = TTA(flip=True, shift=True).logits(net, normalize(pixels, best.card.preprocess))
     expected = torch.softmax(logits / best.card.temperature, 1)
     assert torch.allclose(tagger.probabilities(pixels), expected, atol=1e-5)
+    # phototag evaluate applies the card's TTA too: the run's numbers, number for number
+    args = ["--checkpoint", tmp_path / "best.safetensors", "--data", square_photos]
+    args += ["--split", "val", "--val-fraction", "0.2", "--workers", "0", "--out", tmp_path / "e"]
+    assert evaluate.main([str(a) for a in args]) == 0
+    cli = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    run = json.loads((tmp_path / "val_evaluation.json").read_text())
+    assert cli.pop("source")["tta_shift"] and run.pop("source")["tta_shift"]
+    assert cli == run
 
 
 def test_the_whitening_bias_trains_for_its_epochs_then_stays(square_photos, tmp_path):
