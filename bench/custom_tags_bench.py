@@ -95,6 +95,15 @@ def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor):
     return torch.sigmoid(head_inputs(test["p"]) @ result.weight + result.bias), result.threshold
 
 
+def precision_recall_f1(hits: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, float]:
+    """Of (N,) bool tags given and (N,) bool concept photos; precision 1 when nothing is tagged."""
+    tp, fp = int((hits & truth).sum()), int((hits & ~truth).sum())
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / int(truth.sum())
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
 def seen_space(photos: dict, center: torch.Tensor) -> torch.Tensor:
     """The "seen N" head's inputs: sqrt-probabilities and centred, normalised features."""
     return torch.cat([head_inputs(photos["p"]), F.normalize(photos["f"] - center, dim=1)], 1)
@@ -125,12 +134,7 @@ def measure_seen(encoded, concept: str, k: int, seen: int, repeats: int) -> list
         w, b = _logistic(inputs, labels, weights, l2=1e-2)
         test = {n: rest[n][test_idx] for n in "pf"}
         hits = torch.sigmoid(seen_space(test, center) @ w + b) >= 0.5
-        truth = is_concept[test_idx]
-        tp, fp = int((hits & truth).sum()), int((hits & ~truth).sum())
-        precision = tp / (tp + fp) if tp + fp else 1.0
-        recall = tp / int(truth.sum())
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        results.append((precision, recall, f1))
+        results.append(precision_recall_f1(hits, is_concept[test_idx]))
     return [statistics.mean(r[i] for r in results) for i in range(3)]
 
 
@@ -151,13 +155,8 @@ def measure(encoded, concept: str, k: int, variant: str, users: int, repeats: in
         test_neg = take(pool, torch.tensor(others[users:]))
         test = {n: torch.cat([test_pos[n], test_neg[n]]) for n in "pf"}
         scores, threshold = scores_of(variant, pos, neg, test, head_weight)
-        hits = scores >= threshold
-        tp = int(hits[: len(test_pos["p"])].sum())
-        fp = int(hits[len(test_pos["p"]) :].sum())
-        precision = tp / (tp + fp) if tp + fp else 1.0
-        recall = tp / len(test_pos["p"])
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        results.append((precision, recall, f1))
+        truth = torch.arange(len(scores)) < len(test_pos["p"])  # the positives come first
+        results.append(precision_recall_f1(scores >= threshold, truth))
     return [statistics.mean(r[i] for r in results) for i in range(3)]
 
 

@@ -391,6 +391,7 @@ def run(args: argparse.Namespace) -> dict:
     """Evaluate as ``args`` say; return the result written to evaluation.json."""
     checkpoint = load(args.checkpoint)
     card = checkpoint.card
+    tta = tta_views(args, card)
     spec, split, samples = load_split(args)
     samples = remap_samples(samples, class_mapping(spec.classes, card), card.task)
     workers = default_workers() if args.workers is None else args.workers
@@ -398,24 +399,24 @@ def run(args: argparse.Namespace) -> dict:
     model = checkpoint.build_model(device)
     logits, targets, undecodable = photo_logits(
         model, samples, len(card.classes), card.task, card.preprocess, device,
-        args.batch_size, workers, tta_views(args, card),
+        args.batch_size, workers, tta,
     )  # fmt: skip
     vocabulary = Vocabulary.from_dict(card.vocabulary, card.classes) if card.vocabulary else None
     result = evaluate_predictions(
         logits, targets, card.classes, card.task, card.temperature, card.thresholds, vocabulary
     )
     skipped = [*spec.skipped, *undecodable]
-    source = evaluation_source(checkpoint, args.data, split, tta_views(args, card), skipped)
+    source = evaluation_source(checkpoint, args.data, split, tta, skipped)
     return {"source": source, **result}
 
 
 def tta_views(args: argparse.Namespace, card: ModelCard) -> TTA:
     """The card's TTA (what the server applies), or the views the flags ask for."""
-    if args.tta_shift and not args.tta_flip:
-        raise ConfigError("--tta-shift adds views to --tta-flip; give both")
-    if args.tta_flip:
-        return TTA(flip=True, shift=args.tta_shift)
-    return TTA.named(card.tta)
+    try:
+        asked = TTA(flip=args.tta_flip, shift=args.tta_shift)
+    except ValueError as exc:
+        raise ConfigError(f"--tta-shift: {exc}") from None
+    return asked if asked.flip else TTA.named(card.tta)
 
 
 def default_out(args: argparse.Namespace, split: str) -> Path:

@@ -25,7 +25,7 @@ class TTA:
 
     def __post_init__(self) -> None:
         if self.shift and not self.flip:
-            raise ValueError("shifted TTA views come with the flip views (flip_shift)")
+            raise ValueError("adds views to --tta-flip (shifted views come with the flip views)")
 
     @classmethod
     def named(cls, name: str) -> TTA:

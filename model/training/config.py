@@ -96,8 +96,10 @@ class TrainConfig:
                 _fail(name, f"must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.tag_precision <= 1:
             _fail("tag_precision", f"must be in (0, 1], got {self.tag_precision}")
-        if self.tta_shift and not self.tta_flip:
-            _fail("tta_shift", "adds views to --tta-flip; give both")
+        try:
+            TTA(flip=self.tta_flip, shift=self.tta_shift)  # TTA holds which views go together
+        except ValueError as exc:
+            _fail("tta_shift", str(exc))
         if self.serve_tta and not self.tta_flip:
             _fail("serve_tta", "serves the --tta-flip views; give --tta-flip (and --tta-shift)")
         if self.augment.alternate_flip and not (self.augment.hflip and self.augment.batchable):
