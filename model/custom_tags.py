@@ -54,6 +54,7 @@ PROTOTYPE_PEAK = 0.9  # a built-in negative: a photo the classifier gives this m
 PROTOTYPE_DROP = 0.05  # classes the positives average this much on are not negatives
 L2 = 1e-3  # weight decay of the logistic head, on unit-norm inputs
 DEFAULT_THRESHOLD = 0.5
+MIN_THRESHOLD, MAX_THRESHOLD = 0.3, 0.9  # a fitted threshold stays in this range
 
 
 class CustomTagError(ValueError):
@@ -180,7 +181,8 @@ def fit(
     """Fit a tag on its examples' class probabilities: (P, C) positives, (N, C) negatives.
 
     The threshold: with user negatives, the one of best F1 on the out-of-fold scores (never
-    under 0.5's neighbourhood of chance: clamped to [0.3, 0.9]); without, 0.5. The estimate:
+    under 0.5's neighbourhood of chance: clamped to [0.3, 0.9]); without, halfway between 0.5
+    and the median out-of-fold positive score (0.5 with a single positive). The estimate:
     out-of-fold precision and recall at that threshold (``folds``-fold, fewer when there are
     fewer examples; leave-one-out below ``folds``)."""
     if not len(positives):
@@ -201,18 +203,30 @@ def fit(
             neg_scores[held_neg] = torch.sigmoid(head_inputs(negatives[held_neg]) @ w + b)
         if len(negatives):
             threshold = _best_f1_threshold(pos_scores, neg_scores)
+        else:
+            threshold = _midpoint_threshold(pos_scores)
         estimate = _estimate(pos_scores, neg_scores, threshold, k)
     w, b, used = _fit_head(positives, negatives, builtin)
     return Fit(w, b, threshold, estimate, used)
 
 
 def _best_f1_threshold(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    candidates = torch.linspace(0.3, 0.9, 25)
+    candidates = torch.linspace(MIN_THRESHOLD, MAX_THRESHOLD, 25)
     f1 = torch.stack([_f1(pos, neg, float(t)) for t in candidates])
     best = f1.max()
     # among equally good thresholds, the middle one: least sensitive to the next photo
     ties = candidates[f1 >= best - 1e-9]
     return round(float(ties[len(ties) // 2]), 4)
+
+
+def _midpoint_threshold(pos: torch.Tensor) -> float:
+    """Without negatives of the user's: halfway between 0.5 and a typical unseen positive's
+    score (the median out-of-fold one), never under 0.5. The head is fitted against the
+    built-in prototypes, which real photos of other things are nearer to the positives than,
+    so 0.5 tags too much; a positive the head has not seen shows how far above 0.5 the concept
+    sits (bench/README.md measures the rule)."""
+    middle = (DEFAULT_THRESHOLD + float(pos.median())) / 2
+    return round(min(MAX_THRESHOLD, max(DEFAULT_THRESHOLD, middle)), 4)
 
 
 def _f1(pos: torch.Tensor, neg: torch.Tensor, threshold: float) -> torch.Tensor:
