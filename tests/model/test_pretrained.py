@@ -37,6 +37,23 @@ def test_egyptian_cat_photo_gets_cat_classes_on_top(default_checkpoint: Path):
     assert top3[0] == "Egyptian cat"
 
 
+def test_the_lite2_backbone_builds_a_checkpoint_that_tags_the_cat(tmp_path: Path, capsys):
+    out = tmp_path / "lite2.safetensors"
+    assert main(["--backbone", "lite2", "--out", str(out)]) == 0
+    assert "efficientnet_lite2" in capsys.readouterr().out
+    checkpoint = load(out)
+    card = checkpoint.card
+    assert (card.name, card.arch) == ("imagenet-efficientnet-lite2", "efficientnet_lite2")
+    assert (card.preprocess.resize, card.preprocess.crop) == (292, 260)
+    assert card.classes == imagenet_classes() and card.vocabulary
+    net = checkpoint.build_model()
+    x = build_eval_transform(card.preprocess)(Image.fromarray(skimage_data.chelsea()))
+    with torch.inference_mode():
+        probs = net(x.unsqueeze(0)).softmax(dim=1)[0]
+    top3 = [card.classes[i] for i in probs.topk(3).indices]
+    assert set(top3) <= CAT_CLASSES, top3
+
+
 def test_cli_writes_the_checkpoint_and_respects_if_missing(tmp_path: Path, capsys):
     out = tmp_path / "sub" / "default.safetensors"
     assert main(["--out", str(out), "--name", "everyday"]) == 0
