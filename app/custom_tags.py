@@ -43,6 +43,7 @@ from model.custom_tags import (
     CustomTag,
     CustomTagError,
     CustomTagStore,
+    Examples,
     check_name,
 )
 from model.tagger import CUSTOM, Scores, Tagger
@@ -275,15 +276,15 @@ async def add_examples(
     positives, negatives = await _read_examples(request, settings)
     tagger = served.tagger
     scores = await _scores(positives + negatives, tagger, served.model_id, decoder, batcher)
-    probabilities = torch.stack([s.probabilities for s in scores]).reshape(len(scores), -1)
+    examples = _examples(scores)
     tag = await _teach(
         custom,
         registry,
         served.model_id,
         tagger,
         name,
-        probabilities[: len(positives)],
-        probabilities[len(positives) :],
+        examples[: len(positives)],
+        examples[len(positives) :],
     )
     return info(tag, tagger.probabilities_version)
 
@@ -332,9 +333,8 @@ async def feedback(
     [scores] = await _scores([photo], tagger, served.model_id, decoder, batcher)
     if tag.startswith(f"{CUSTOM}/"):
         name = tag.removeprefix(f"{CUSTOM}/")
-        empty = scores.probabilities.new_zeros(0, len(scores.probabilities))
-        row = scores.probabilities[None]
-        positives, negatives = (row, empty) if verdict == "right" else (empty, row)
+        row = _examples([scores])
+        positives, negatives = (row, row[:0]) if verdict == "right" else (row[:0], row)
         async with custom.lock(served.model_id, name):
             if not await custom.run(custom.store.exists, served.model_id, _checked(name)):
                 raise ApiError(404, "unknown_tag", f"no custom tag {name!r}")
@@ -370,8 +370,8 @@ async def _teach(
     model_id: str,
     tagger: Tagger,
     name: str,
-    positives: torch.Tensor,
-    negatives: torch.Tensor,
+    positives: Examples,
+    negatives: Examples,
 ) -> CustomTag:
     """Add the examples and re-fit, on the fitting thread, under the tag's lock; then swap the
     served heads."""
@@ -382,6 +382,7 @@ async def _teach(
                 custom.store,
                 model_id,
                 tagger.probabilities_version,
+                tagger.space,
                 name,
                 positives,
                 negatives,
@@ -405,6 +406,14 @@ def _swap(registry: ModelRegistry, model_id: str, tagger: Tagger, change) -> Non
         pass
     for each in taggers.values():
         each.custom_heads = change(each.custom_heads)
+
+
+def _examples(scores: list[Scores]) -> Examples:
+    """Each photo's class probabilities and pooled features, as examples of a tag."""
+    return Examples(
+        torch.stack([s.probabilities for s in scores]).reshape(len(scores), -1),
+        torch.stack([s.features for s in scores]).reshape(len(scores), -1),
+    )
 
 
 async def _scores(

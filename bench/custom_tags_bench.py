@@ -10,7 +10,10 @@ Concepts (photos in ../shared/data): "ant" (an ImageNet class: the ants of ants-
 photos against the ants, bees, 100 photos of each CIFAR-10 class and the indoor photos that are
 not the concept (test negatives never taught). Mean over --repeats draws. Variants:
 
-- builtin: no negatives from the user, the built-in ones (the product's default);
+- builtin: no negatives from the user, the built-in ones (the product's default), in the
+  model's space (class probabilities and pooled features where the network gives the mean
+  pooled feature: EfficientNet-Lite);
+- builtin, probabilities: the same, on the class probabilities alone (the space before);
 - user N: N negatives drawn from the test pool (and removed from it), plus the built-in ones;
 - user N only: the same N, no built-in negatives;
 - features+weights: the first design, rejected: a head on the L2-normalised pooled features
@@ -37,10 +40,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.custom_tags import CustomTagStore, _logistic, fit, head_inputs
+from model.custom_tags import CustomTagStore, Examples, Space, _logistic, fit
 from model.runtime import RuntimeChoice
 from model.tagger import Tagger
-from model.teach import probabilities_of, teach
+from model.teach import examples_of, teach
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -82,7 +85,8 @@ def encode(tagger: Tagger, sets: dict[str, list[Path]], cache: Path | None) -> d
 # concept -> (photo set, classes hidden from the classifier). "class hidden" stands in for a
 # concept the network was never taught, at a real photo's resolution: the class's probability is
 # removed from every photo and the rest renormalised, which is the softmax of a classifier
-# without that class (the backbone's features still saw it in training, so it flatters a little).
+# without that class, and its built-in negative goes (the backbone's features still saw it in
+# training, so it flatters a little).
 CONCEPTS = {
     "ant": ("ants", ()),
     "ant, class hidden": ("ants", ("ant",)),
@@ -92,20 +96,27 @@ CONCEPTS = {
 }
 
 
-def concept_view(encoded: dict, concept: str, classes: list[str]) -> tuple[str, dict]:
-    """The concept's photo set and the encoded photos as its tag sees them (hidden classes out)."""
+def concept_view(encoded: dict, concept: str, classes: list[str], space: Space):
+    """The concept's photo set, the encoded photos and the space as its tag sees them (hidden
+    classes out)."""
     key, hidden = CONCEPTS[concept]
     if not hidden:
-        return key, encoded
+        return key, encoded, space
     keep = torch.tensor([c not in hidden for c in classes])
     view = {}
     for name, v in encoded.items():
-        p = v["p"] * keep
+        p = v["p"][:, keep]
         view[name] = {"p": p / p.sum(1, keepdim=True), "f": v["f"]}
-    return key, view
+    if space.directions is not None:
+        space = Space(space.center, space.directions[keep])
+    return key, view, space
 
 
-def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor):
+def examples(photos: dict) -> Examples:
+    return Examples(photos["p"], photos["f"])
+
+
+def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor, space: Space):
     """Positives, user negatives and test photos as dicts {p, f} -> test scores, threshold."""
     if variant == "features+weights":
         inputs = [F.normalize(pos["f"], dim=1), F.normalize(head_weight, dim=1)]
@@ -114,8 +125,11 @@ def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor):
         w, b = _logistic(torch.cat(inputs), torch.cat(labels), torch.cat(weights))
         return torch.sigmoid(F.normalize(test["f"], dim=1) @ w + b), 0.5
     builtin = not variant.endswith("only")
-    result = fit(pos["p"], neg["p"], builtin=builtin)
-    return torch.sigmoid(head_inputs(test["p"]) @ result.weight + result.bias), result.threshold
+    if variant.endswith("probabilities"):
+        space = Space()
+    result = fit(examples(pos), examples(neg), space, builtin=builtin)
+    score = torch.sigmoid(space.inputs(examples(test)) @ result.weight + result.bias)
+    return score, result.threshold
 
 
 def precision_recall_f1(hits: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, float]:
@@ -129,7 +143,7 @@ def precision_recall_f1(hits: torch.Tensor, truth: torch.Tensor) -> tuple[float,
 
 def seen_space(photos: dict, center: torch.Tensor) -> torch.Tensor:
     """The "seen N" head's inputs: sqrt-probabilities and centred, normalised features."""
-    return torch.cat([head_inputs(photos["p"]), F.normalize(photos["f"] - center, dim=1)], 1)
+    return torch.cat([photos["p"].sqrt(), F.normalize(photos["f"] - center, dim=1)], 1)
 
 
 def measure_seen(encoded, key: str, k: int, seen: int, repeats: int) -> list[float]:
@@ -161,7 +175,7 @@ def measure_seen(encoded, key: str, k: int, seen: int, repeats: int) -> list[flo
     return [statistics.mean(r[i] for r in results) for i in range(3)]
 
 
-def measure(encoded, key: str, k: int, variant: str, users: int, repeats: int, head_weight):
+def measure(encoded, key, k: int, variant: str, users: int, repeats: int, head_weight, space):
     results = []
     for seed in range(repeats):
         rng = random.Random(seed)
@@ -176,7 +190,7 @@ def measure(encoded, key: str, k: int, variant: str, users: int, repeats: int, h
         neg = take(pool, torch.tensor(others[:users], dtype=torch.long))
         test_neg = take(pool, torch.tensor(others[users:]))
         test = {n: torch.cat([test_pos[n], test_neg[n]]) for n in "pf"}
-        scores, threshold = scores_of(variant, pos, neg, test, head_weight)
+        scores, threshold = scores_of(variant, pos, neg, test, head_weight, space)
         truth = torch.arange(len(scores)) < len(test_pos["p"])  # the positives come first
         results.append(precision_recall_f1(scores >= threshold, truth))
     return [statistics.mean(r[i] for r in results) for i in range(3)]
@@ -188,9 +202,10 @@ def teaching_time(tagger: Tagger, paths: list[Path], negatives: list[Path], repe
     for i in range(repeats):
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()
-            pos, *_ = probabilities_of(tagger, paths)
-            neg, *_ = probabilities_of(tagger, negatives)
-            teach(CustomTagStore(folder), "bench", tagger.probabilities_version, f"t{i}", pos, neg)
+            pos, *_ = examples_of(tagger, paths)
+            neg, *_ = examples_of(tagger, negatives)
+            store = CustomTagStore(folder)
+            teach(store, "bench", tagger.probabilities_version, tagger.space, f"t{i}", pos, neg)
             times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -204,19 +219,20 @@ def serving_cost(tagger: Tagger, encoded, batch: int, rounds: int) -> dict[str, 
     from model.custom_tags import CustomHeads
 
     tags = []
+    version, space = tagger.probabilities_version, tagger.space
     for i in range(20):
-        pos = encoded["ants"]["p"][i : i + 5]
-        tags.append(teach(store, "m", tagger.probabilities_version, f"tag-{i}", pos, pos[:0]))
+        pos = examples(encoded["ants"])[i : i + 5]
+        tags.append(teach(store, "m", version, space, f"tag-{i}", pos, pos[:0]))
     rates = {}
     for count in (0, 20, 0, 20):  # interleaved: drift on shared cores hits both alike
-        tagger.custom_heads = CustomHeads.of(tags[:count])
+        tagger.custom_heads = CustomHeads.of(tags[:count], space)
         tagger.outputs(pixels)
         started = time.perf_counter()
         for _ in range(rounds):
             tagger.outputs(pixels)
         rate = batch * rounds / (time.perf_counter() - started)
         rates[count] = max(rates.get(count, 0.0), rate)
-    tagger.custom_heads = CustomHeads()
+    tagger.custom_heads = CustomHeads(space)
     return {"0 tags": rates[0], "20 tags": rates[20]}
 
 
@@ -256,15 +272,21 @@ def suppression(tagger: Tagger, paths: list[Path], encoded) -> dict[str, float]:
 
 
 def heads_cost(tagger: Tagger, batch: int, rounds: int = 2000) -> float:
-    """Milliseconds of 20 custom heads on a batch: the (B, C) @ (C, 20) multiply and sigmoid."""
+    """Milliseconds of 20 custom heads on a batch: the inputs, the (B, D) @ (D, 20) multiply and
+    the sigmoid."""
     from model.custom_tags import CustomHeads, CustomTag
 
+    space = tagger.space
+    dims = len(tagger.classes) + (0 if space.center is None else len(space.center))
     tags = [CustomTag.new(f"t{i}", "v", len(tagger.classes)) for i in range(20)]
-    heads = CustomHeads.of(tags)
+    for tag in tags:
+        tag.weight, tag.space = torch.randn(dims), space.name
+    heads = CustomHeads.of(tags, space)
     probabilities = torch.softmax(torch.randn(batch, len(tagger.classes)), 1)
+    features = torch.rand(batch, 0 if space.center is None else len(space.center))
     started = time.perf_counter()
     for _ in range(rounds):
-        heads.probabilities(probabilities)
+        heads.probabilities(probabilities, features)
     return (time.perf_counter() - started) / rounds * 1000
 
 
@@ -297,15 +319,15 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {len(v)}" for k, v in sets.items())
     )
     print("\n| concept | k | negatives | precision | recall | F1 |\n|---|---|---|---|---|---|")
-    variants = [("builtin", 0), ("user 10", 10), ("user 20", 20), ("user 20 only", 20)]
-    variants.append(("features+weights", 0))
+    variants = [("builtin", 0), ("builtin, probabilities", 0), ("user 10", 10), ("user 20", 20)]
+    variants += [("user 20 only", 20), ("features+weights", 0)]
     for concept in CONCEPTS:
-        key, view = concept_view(encoded, concept, tagger.classes)
+        key, view, space = concept_view(encoded, concept, tagger.classes, tagger.space)
         for k in (5, 10, 20):
             if len(view[key]["p"]) - k < 5:
                 continue  # too few photos left to test on
             for variant, users in variants:
-                p, r, f = measure(view, key, k, variant, users, args.repeats, head_weight)
+                p, r, f = measure(view, key, k, variant, users, args.repeats, head_weight, space)
                 print(f"| {concept} | {k} | {variant} | {p:.3f} | {r:.3f} | {f:.3f} |", flush=True)
             for seen in (300, 600):
                 p, r, f = measure_seen(view, key, k, seen, args.repeats)

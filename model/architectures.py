@@ -83,6 +83,38 @@ class TaggerNet(nn.Module):
         return self.head(self.features(x))
 
 
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU)
+_POOLING = (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
+
+
+def pooled_feature_mean(net: TaggerNet) -> torch.Tensor | None:
+    """The mean of the pooled features over the photos the network was trained on, as its last
+    BatchNorm implies, where the features end BatchNorm -> elementwise activation -> average
+    pooling (EfficientNet-Lite, MobileNet, torchvision's EfficientNet); None for any other end (a
+    ResNet's residual sum, a max pool, fully-connected layers).
+
+    Over the training photos each channel's BatchNorm output has mean ``bias`` and standard
+    deviation ``|weight|``; taken as normal, its activation's expectation is the channel's
+    mean feature, and averaging over positions keeps the mean."""
+    layers = list(net.features.children())
+    while layers and isinstance(layers[-1], _POOLING):
+        layers.pop()
+    while layers and isinstance(layers[-1], nn.Sequential):
+        layers = list(layers[-1].children())  # into the last block, down to its own layers
+    if len(layers) < 2 or not isinstance(layers[-1], _ELEMENTWISE):
+        return None
+    norm = layers[-2]
+    if not isinstance(norm, nn.BatchNorm2d) or norm.weight is None or norm.bias is None:
+        return None
+    # E[act(bias + |weight| t)], t standard normal, on a fine grid over t in [-8, 8]
+    t = torch.linspace(-8, 8, 4001)
+    density = torch.exp(-t.square() / 2)
+    density /= density.sum()
+    with torch.no_grad():
+        x = norm.bias.float()[:, None] + norm.weight.float().abs()[:, None] * t[None]
+        return (layers[-1](x.clone()) * density).sum(1)
+
+
 def load_backbone_weights(net: TaggerNet, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Copy every tensor of ``state_dict`` that fits ``net.features``; return the keys left out.
 

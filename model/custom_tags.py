@@ -3,20 +3,23 @@ forward pass as the checkpoint's classifier.
 
 A served model is a backbone plus heads: the checkpoint's classifier and any number of custom
 tags. A custom tag is a linear logistic head on what the backbone already computes for every
-photo (:func:`head_inputs`), with its own threshold. All heads of a model are stacked into one
-(D, K) matrix (:class:`CustomHeads`), so K tags cost one small matrix multiply per batch.
+photo (:class:`Space`: the class probabilities and the pooled features), with its own
+threshold. All heads of a model are stacked into one (D, K) matrix (:class:`CustomHeads`), so K
+tags cost one small matrix multiply per batch.
 
-A tag is stored as its examples' inputs (never the photos) plus the fitted head, in one small
+A tag is stored as its examples (:class:`Examples`: class probabilities and pooled features,
+never the photos) plus the fitted head, in one small
 ``.safetensors`` file with JSON metadata, ``<store>/<model id>/<name>.safetensors``, written
-atomically. It is tied to the backbone's version (:func:`model.checkpoint.backbone_version`):
-when the backbone changes, the stored inputs no longer describe the photos, and the tag is
+atomically. It is tied to the backbone's version (:func:`model.checkpoint.probabilities_version`):
+when the backbone changes, the stored examples no longer describe the photos, and the tag is
 *stale* (listed, not served) until it is taught again from its photos.
 
 Fitting (:func:`fit`): logistic regression by L-BFGS on the positives against the user's
 negatives and the *built-in negatives*: one prototype per class of the checkpoint's classifier
-(a photo the classifier is 90% sure is that class), minus the classes the positives themselves
-look like. The threshold and the precision/recall estimate come from cross-validation on the
-examples. bench/custom_tags_bench.py measures the choices (bench/README.md).
+(a photo the classifier is 90% sure is that class, whose features lie that class's way from the
+mean photo's), minus the classes the positives themselves look like. The threshold and the
+precision/recall estimate come from cross-validation on the examples.
+bench/custom_tags_bench.py measures the choices (bench/README.md).
 """
 
 from __future__ import annotations
@@ -39,17 +42,21 @@ from model.checkpoint import atomic_write_bytes
 
 log = logging.getLogger("phototag.custom_tags")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 keeps the examples' pooled features
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "phototag_custom_tag"
 SUFFIX = ".safetensors"
 # A tag's name is its file name and a URL path segment: lower-case letters, digits, "-" and "_",
 # starting with a letter or digit (no dots, slashes or hidden files), at most 48 characters.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 _NAME = re.compile(NAME_PATTERN)
-# What a head reads: "probabilities" is the square root of the classifier's class probabilities
-# (a unit vector: the Hellinger embedding of the class distribution). The built-in negatives are
-# exact points of that space, where in the pooled features they are not (bench/README.md).
-SPACE = "sqrt_probabilities"
+# What a head reads (a tag's "space"): the square root of the classifier's class probabilities
+# (a unit vector: the Hellinger embedding of the class distribution), and where the network's
+# structure gives the mean pooled feature, the centred, unit pooled features beside them.
+PROBABILITIES = "sqrt_probabilities"
+WITH_FEATURES = "sqrt_probabilities+features"
+SPACES = (PROBABILITIES, WITH_FEATURES)
+HALF = 0.5**0.5  # each part of a WITH_FEATURES input: half its squared length
 PROTOTYPE_PEAK = 0.9  # a built-in negative: a photo the classifier gives this much to one class
 PROTOTYPE_DROP = 0.05  # classes the positives average this much on are not negatives
 L2 = 1e-3  # weight decay of the logistic head, on unit-norm inputs
@@ -86,20 +93,102 @@ def check_model_id(model_id: str) -> str:
 # ---- what the heads read
 
 
-def head_inputs(probabilities: torch.Tensor) -> torch.Tensor:
-    """(B, C) class probabilities -> (B, C) unit vectors the heads read: sqrt(p)."""
-    return probabilities.clamp_min(0).sqrt()
+@dataclass(frozen=True)
+class Examples:
+    """Photos as the heads see them: (N, C) class probabilities and (N, F) pooled features.
+    Features are (N, 0) where they were not kept (tags written before phototag kept them)."""
+
+    probabilities: torch.Tensor
+    features: torch.Tensor
+
+    @classmethod
+    def empty(cls, num_classes: int, num_features: int = 0) -> Examples:
+        return cls(torch.zeros(0, num_classes), torch.zeros(0, num_features))
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, index: torch.Tensor | slice) -> Examples:
+        return Examples(self.probabilities[index], self.features[index])
+
+    def __add__(self, other: Examples) -> Examples:
+        """Both, in order; the features only where both sets have them (an empty set has all)."""
+        if not len(other):
+            return self
+        if not len(self):
+            return other
+        if self.features.shape[1] == other.features.shape[1]:
+            features = torch.cat([self.features, other.features.float()])
+        else:
+            features = torch.zeros(len(self) + len(other), 0)
+        return Examples(torch.cat([self.probabilities, other.probabilities.float()]), features)
+
+    @property
+    def has_features(self) -> bool:
+        return self.features.shape[1] > 0 or not len(self)
 
 
-def prototypes(num_classes: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """The built-in negatives, as head inputs: one per class not in ``exclude`` (a (C,) bool),
-    each a class distribution with :data:`PROTOTYPE_PEAK` on its class and the rest spread."""
-    rest = (1 - PROTOTYPE_PEAK) / max(1, num_classes - 1)
-    probabilities = torch.full((num_classes, num_classes), rest)
-    probabilities.fill_diagonal_(PROTOTYPE_PEAK)
-    if exclude is not None:
-        probabilities = probabilities[~exclude]
-    return head_inputs(probabilities)
+@dataclass(frozen=True)
+class Space:
+    """What one model's heads read. Always the square root of the class probabilities; where
+    the network gives the mean pooled feature (:func:`model.architectures.pooled_feature_mean`),
+    also the pooled features minus that mean, normalised, each part half the squared length.
+    The built-in negatives are points of it: a class's prototype is its peaked distribution and
+    its classifier row (minus the mean row) as the feature direction. The features separate
+    concepts the classifier has no class for better than its probabilities alone
+    (bench/README.md)."""
+
+    center: torch.Tensor | None = None  # (F,) the mean pooled feature
+    directions: torch.Tensor | None = None  # (C, F) unit: each class's row minus the mean row
+
+    @classmethod
+    def of(cls, net) -> Space:
+        """The space of a :class:`model.architectures.TaggerNet`."""
+        from model.architectures import pooled_feature_mean
+
+        center = pooled_feature_mean(net)
+        if center is None:
+            return cls()
+        rows = net.head[-1].weight.detach().float().cpu()
+        return cls(center.cpu(), F.normalize(rows - rows.mean(0), dim=1))
+
+    @property
+    def name(self) -> str:
+        return PROBABILITIES if self.center is None else WITH_FEATURES
+
+    def for_examples(self, *sets: Examples) -> Space:
+        """This space, or the probabilities-only one where some examples have no features."""
+        return self if all(s.has_features for s in sets) else Space()
+
+    def inputs(self, examples: Examples) -> torch.Tensor:
+        """Examples -> (N, D) unit vectors the heads read."""
+        roots = examples.probabilities.float().clamp_min(0).sqrt()
+        if self.center is None:
+            return roots
+        if not len(examples):  # none: whatever features they were made with
+            return roots.new_zeros(0, roots.shape[1] + len(self.center))
+        centred = F.normalize(examples.features.float() - self.center, dim=1)
+        return torch.cat([roots, centred], 1) * HALF
+
+    def prototypes(self, num_classes: int, exclude: torch.Tensor) -> torch.Tensor:
+        """The built-in negatives as inputs: one per class not in ``exclude`` (a (C,) bool), a
+        class distribution with :data:`PROTOTYPE_PEAK` on its class and the rest spread."""
+        rest = (1 - PROTOTYPE_PEAK) / max(1, num_classes - 1)
+        probabilities = torch.full((num_classes, num_classes), rest)
+        probabilities.fill_diagonal_(PROTOTYPE_PEAK)
+        roots = probabilities[~exclude].sqrt()
+        if self.directions is None:
+            return roots
+        return torch.cat([roots, self.directions[~exclude]], 1) * HALF
+
+    def weight_of(self, weight: torch.Tensor, space: str) -> torch.Tensor:
+        """A head's weight, fitted in ``space``, over this space's inputs: a probabilities-only
+        head reads the same numbers in a space with features, at 1/HALF of their scale."""
+        if space == self.name:
+            return weight
+        if space == PROBABILITIES and self.center is not None:
+            return torch.cat([weight / HALF, weight.new_zeros(len(self.center))])
+        raise ValueError(f"a {space} head cannot be served in a {self.name} space")
 
 
 # ---- fitting
@@ -125,6 +214,7 @@ class Fit:
     threshold: float
     estimate: Estimate
     builtin_negatives: int
+    space: str
 
 
 def _logistic(
@@ -149,18 +239,19 @@ def _logistic(
 
 
 def _fit_head(
-    positives: torch.Tensor, negatives: torch.Tensor, builtin: bool
+    positives: Examples, negatives: Examples, builtin: bool, space: Space
 ) -> tuple[torch.Tensor, float, int]:
-    """Positives (P, C) and user negatives (N, C) as class probabilities -> w, b and the number
-    of built-in negatives used. Each group (positives, user negatives, built-in negatives) has
-    the same total weight, so five positives count as much as a thousand prototypes."""
-    groups = [(head_inputs(positives), 1.0)]
+    """Positives and user negatives -> w, b and the number of built-in negatives used. Each
+    group (positives, user negatives, built-in negatives) has the same total weight, so five
+    positives count as much as a thousand prototypes."""
+    groups = [(space.inputs(positives), 1.0)]
     if len(negatives):
-        groups.append((head_inputs(negatives), 0.0))
+        groups.append((space.inputs(negatives), 0.0))
     used = 0
     if builtin or not len(negatives):
-        exclude = positives.mean(0) >= PROTOTYPE_DROP  # the classes the positives look like
-        protos = prototypes(positives.shape[1], exclude)
+        # the classes the positives look like are no negatives
+        exclude = positives.probabilities.mean(0) >= PROTOTYPE_DROP
+        protos = space.prototypes(positives.probabilities.shape[1], exclude)
         used = len(protos)
         groups.append((protos, 0.0))
     groups = [(g, y) for g, y in groups if len(g)]  # a small model's classes may all be excluded
@@ -176,9 +267,15 @@ def _folds(count: int, k: int) -> list[torch.Tensor]:
 
 
 def fit(
-    positives: torch.Tensor, negatives: torch.Tensor, *, builtin: bool = True, folds: int = 5
+    positives: Examples,
+    negatives: Examples,
+    space: Space | None = None,
+    *,
+    builtin: bool = True,
+    folds: int = 5,
 ) -> Fit:
-    """Fit a tag on its examples' class probabilities: (P, C) positives, (N, C) negatives.
+    """Fit a tag on its examples in ``space`` (default: the probabilities only), or in the
+    probabilities only where some examples were kept without features.
 
     The threshold: with user negatives, the one of best F1 on the out-of-fold scores (never
     under 0.5's neighbourhood of chance: clamped to [0.3, 0.9]); without, halfway between 0.5
@@ -187,6 +284,7 @@ def fit(
     fewer examples; leave-one-out below ``folds``)."""
     if not len(positives):
         raise CustomTagError("no_positives", "a tag needs at least one positive example")
+    space = (space or Space()).for_examples(positives, negatives)
     k = min(folds, len(positives), len(negatives) if len(negatives) else len(positives))
     threshold, estimate = DEFAULT_THRESHOLD, Estimate(None, None, 0)
     if k >= 2:
@@ -198,16 +296,16 @@ def fit(
             keep_pos[held_pos] = False
             keep_neg = torch.ones(len(negatives), dtype=torch.bool)
             keep_neg[held_neg] = False
-            w, b, _ = _fit_head(positives[keep_pos], negatives[keep_neg], builtin)
-            pos_scores[held_pos] = torch.sigmoid(head_inputs(positives[held_pos]) @ w + b)
-            neg_scores[held_neg] = torch.sigmoid(head_inputs(negatives[held_neg]) @ w + b)
+            w, b, _ = _fit_head(positives[keep_pos], negatives[keep_neg], builtin, space)
+            pos_scores[held_pos] = torch.sigmoid(space.inputs(positives[held_pos]) @ w + b)
+            neg_scores[held_neg] = torch.sigmoid(space.inputs(negatives[held_neg]) @ w + b)
         if len(negatives):
             threshold = _best_f1_threshold(pos_scores, neg_scores)
         else:
             threshold = _midpoint_threshold(pos_scores)
         estimate = _estimate(pos_scores, neg_scores, threshold, k)
-    w, b, used = _fit_head(positives, negatives, builtin)
-    return Fit(w, b, threshold, estimate, used)
+    w, b, used = _fit_head(positives, negatives, builtin, space)
+    return Fit(w, b, threshold, estimate, used, space.name)
 
 
 def _best_f1_threshold(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -249,13 +347,13 @@ def _estimate(pos: torch.Tensor, neg: torch.Tensor, threshold: float, folds: int
 
 @dataclass
 class CustomTag:
-    """A taught tag: its examples (as class probabilities), its head, its provenance."""
+    """A taught tag: its examples, its head, its provenance."""
 
     name: str
     backbone: str  # the backbone version its examples were computed with
-    positives: torch.Tensor  # (P, C) class probabilities of the positive examples
-    negatives: torch.Tensor  # (N, C)
-    weight: torch.Tensor  # (C,)
+    positives: Examples
+    negatives: Examples
+    weight: torch.Tensor  # (D,) over the inputs of ``space``
     bias: float = 0.0
     threshold: float = DEFAULT_THRESHOLD
     estimate: Estimate = field(default_factory=lambda: Estimate(None, None, 0))
@@ -263,40 +361,41 @@ class CustomTag:
     # per example, where it came from: a file path (phototag teach, which can re-read it) or
     # null (an upload); positives first, in the order of the tensors
     sources: list[str | None] = field(default_factory=list)
-    space: str = SPACE
+    space: str = PROBABILITIES
     created_at: str = field(default_factory=lambda: _now())
     updated_at: str = field(default_factory=lambda: _now())
 
     @classmethod
-    def new(cls, name: str, backbone: str, num_classes: int) -> CustomTag:
-        empty = torch.zeros(0, num_classes)
-        return cls(check_name(name), backbone, empty, empty.clone(), torch.zeros(num_classes))
+    def new(cls, name: str, backbone: str, num_classes: int, num_features: int = 0) -> CustomTag:
+        empty = Examples.empty(num_classes, num_features)
+        return cls(check_name(name), backbone, empty, empty, torch.zeros(num_classes))
 
     def add(
         self,
-        positives: torch.Tensor,
-        negatives: torch.Tensor,
+        positives: Examples,
+        negatives: Examples,
         *,
         positive_sources: Sequence[str | None] = (),
         negative_sources: Sequence[str | None] = (),
     ) -> None:
-        """Append examples (class probabilities) and their sources (None where unknown)."""
+        """Append examples and their sources (None where unknown)."""
         pos_sources = self.sources[: len(self.positives)]
         neg_sources = self.sources[len(self.positives) :]
         pos_sources += list(positive_sources) or [None] * len(positives)
         neg_sources += list(negative_sources) or [None] * len(negatives)
-        self.positives = torch.cat([self.positives, positives.float()])
-        self.negatives = torch.cat([self.negatives, negatives.float()])
+        self.positives = self.positives + positives
+        self.negatives = self.negatives + negatives
         self.sources = pos_sources + neg_sources
 
-    def refit(self, builtin: bool = True) -> None:
-        result = fit(self.positives, self.negatives, builtin=builtin)
+    def refit(self, space: Space | None = None, builtin: bool = True) -> None:
+        result = fit(self.positives, self.negatives, space, builtin=builtin)
         self.weight, self.bias, self.threshold = result.weight, result.bias, result.threshold
         self.estimate, self.builtin_negatives = result.estimate, result.builtin_negatives
+        self.space = result.space
         self.updated_at = _now()
 
     def stale(self, backbone: str) -> bool:
-        return self.backbone != backbone or self.space != SPACE
+        return self.backbone != backbone or self.space not in SPACES
 
     def info(self, backbone: str | None = None) -> dict[str, Any]:
         """What the API and the CLI report of a tag."""
@@ -317,8 +416,10 @@ class CustomTag:
 
     def to_bytes(self) -> bytes:
         tensors = {
-            "positives": self.positives.contiguous(),
-            "negatives": self.negatives.contiguous(),
+            "positives": self.positives.probabilities.contiguous(),
+            "negatives": self.negatives.probabilities.contiguous(),
+            "positive_features": self.positives.features.contiguous(),
+            "negative_features": self.negatives.features.contiguous(),
             "weight": self.weight.contiguous(),
         }
         meta = {
@@ -341,14 +442,14 @@ class CustomTag:
         try:
             tensors = load_safetensors_bytes(data)
             header = json.loads(_metadata(data)[METADATA_KEY])
-            if header.get("format_version") != FORMAT_VERSION:
+            if header.get("format_version") not in READABLE_VERSIONS:
                 raise ValueError(f"format version {header.get('format_version')!r}")
             estimate = Estimate(**header["estimate"])
             return cls(
                 name=check_name(header["name"]),
                 backbone=str(header["backbone"]),
-                positives=tensors["positives"].float(),
-                negatives=tensors["negatives"].float(),
+                positives=_examples(tensors, "positive"),
+                negatives=_examples(tensors, "negative"),
                 weight=tensors["weight"].float(),
                 bias=float(header["bias"]),
                 threshold=float(header["threshold"]),
@@ -363,6 +464,15 @@ class CustomTag:
             raise
         except Exception as exc:  # a damaged or foreign file
             raise CustomTagError("invalid_tag_file", f"{where}: not a custom tag ({exc})") from None
+
+
+def _examples(tensors: dict[str, torch.Tensor], kind: str) -> Examples:
+    """A file's positive or negative examples; format 1 kept no features."""
+    probabilities = tensors[f"{kind}s"].float()
+    features = tensors.get(f"{kind}_features", torch.zeros(len(probabilities), 0))
+    if len(features) != len(probabilities):
+        raise ValueError(f"{len(features)} {kind} features for {len(probabilities)} examples")
+    return Examples(probabilities, features.float())
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -454,21 +564,26 @@ class CustomTagStore:
 
 @dataclass(frozen=True)
 class CustomHeads:
-    """The served custom tags of one model, stacked: one (C, K) matrix multiply scores them all.
-    Immutable: a change builds a new one, swapped in whole (a batch sees old or new, never a
-    mix)."""
+    """The served custom tags of one model, stacked: one (D, K) matrix multiply over the
+    model's :class:`Space` scores them all. Immutable: a change builds a new one, swapped in
+    whole (a batch sees old or new, never a mix)."""
 
+    space: Space = field(default_factory=Space)
     names: tuple[str, ...] = ()
-    weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # (C, K)
+    weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # (D, K)
     bias: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (K,)
     thresholds: tuple[float, ...] = ()
 
     @classmethod
-    def of(cls, tags: Sequence[CustomTag]) -> CustomHeads:
-        return cls._of_columns([(t.name, t.weight, t.bias, t.threshold) for t in tags])
+    def of(cls, tags: Sequence[CustomTag], space: Space) -> CustomHeads:
+        return cls(space)._with([cls._column(t, space) for t in tags])
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @staticmethod
+    def _column(tag: CustomTag, space: Space) -> tuple[str, torch.Tensor, float, float]:
+        return (tag.name, space.weight_of(tag.weight, tag.space), tag.bias, tag.threshold)
 
     def columns(self) -> list[tuple[str, torch.Tensor, float, float]]:
         return [
@@ -476,12 +591,12 @@ class CustomHeads:
             for i, name in enumerate(self.names)
         ]
 
-    @classmethod
-    def _of_columns(cls, columns: list[tuple[str, torch.Tensor, float, float]]) -> CustomHeads:
+    def _with(self, columns: list[tuple[str, torch.Tensor, float, float]]) -> CustomHeads:
         if not columns:
-            return cls()
+            return CustomHeads(self.space)
         columns = sorted(columns, key=lambda c: c[0])
-        return cls(
+        return CustomHeads(
+            space=self.space,
             names=tuple(c[0] for c in columns),
             weight=torch.stack([c[1] for c in columns], dim=1),
             bias=torch.tensor([c[2] for c in columns]),
@@ -491,22 +606,27 @@ class CustomHeads:
     def with_tag(self, tag: CustomTag) -> CustomHeads:
         """These heads with ``tag``'s added or replaced (a new object)."""
         kept = [c for c in self.columns() if c[0] != tag.name]
-        return self._of_columns([*kept, (tag.name, tag.weight, tag.bias, tag.threshold)])
+        return self._with([*kept, self._column(tag, self.space)])
 
     def without(self, name: str) -> CustomHeads:
-        return self._of_columns([c for c in self.columns() if c[0] != name])
+        return self._with([c for c in self.columns() if c[0] != name])
 
-    def probabilities(self, class_probabilities: torch.Tensor) -> torch.Tensor:
-        """(B, C) class probabilities -> (B, K) custom-tag probabilities."""
+    def probabilities(
+        self, class_probabilities: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, C) class probabilities and (B, F) pooled features -> (B, K) custom-tag
+        probabilities."""
         if not self.names:
             return class_probabilities.new_zeros(len(class_probabilities), 0)
-        return torch.sigmoid(head_inputs(class_probabilities) @ self.weight + self.bias)
+        inputs = self.space.inputs(Examples(class_probabilities, features))
+        return torch.sigmoid(inputs @ self.weight + self.bias)
 
 
 # ---- corrections of vocabulary tags
 
 SUPPRESSION_SIMILARITY = 0.8  # cosine of pooled features: the same photo or a near copy (bench)
 SUPPRESSIONS_FILE = "_suppressions.safetensors"  # "_": never a tag's name
+SUPPRESSIONS_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -555,7 +675,7 @@ class Suppressions:
 
     def to_bytes(self) -> bytes:
         meta = {
-            "format_version": FORMAT_VERSION,
+            "format_version": SUPPRESSIONS_FORMAT_VERSION,
             "labels": list(self.labels),
             "backbone": self.backbone,
         }

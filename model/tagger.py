@@ -29,7 +29,7 @@ from PIL import Image
 from model import imageio
 from model.checkpoint import Checkpoint, ModelCard, probabilities_version
 from model.checkpoint import load as load_checkpoint
-from model.custom_tags import CustomHeads, Suppressions
+from model.custom_tags import CustomHeads, Space, Suppressions
 from model.explain import Explainer, Heatmap, Target, class_target, vocabulary_target, write_overlay
 from model.people import FaceDetector, people_tags
 from model.preprocess import normalize, resize_and_crop
@@ -107,7 +107,11 @@ class Tagger:
     Explanations are (:meth:`explain`): they run on their own torch copy of the network."""
 
     def __init__(
-        self, checkpoint: Checkpoint, runtime: Runtime, people: FaceDetector | None = None
+        self,
+        checkpoint: Checkpoint,
+        runtime: Runtime,
+        people: FaceDetector | None = None,
+        space: Space | None = None,
     ) -> None:
         self.card: ModelCard = checkpoint.card
         self.people = people  # faces -> people tags; None: off
@@ -127,8 +131,11 @@ class Tagger:
         self._explainer_lock = threading.Lock()
         # custom tags are tied to this: what the probabilities their heads read depend on
         self.probabilities_version = probabilities_version(checkpoint.card, checkpoint.state_dict)
+        # what custom tags' heads read: the probabilities and, where the network gives the
+        # mean pooled feature, the features (``space``: already worked out from the network)
+        self.space = space if space is not None else Space.of(checkpoint.build_model("cpu"))
         # replaced whole, never changed in place: a batch reads one or the other
-        self.custom_heads = CustomHeads()
+        self.custom_heads = CustomHeads(self.space)
         self.suppressions = Suppressions()
 
     @classmethod
@@ -144,8 +151,9 @@ class Tagger:
         choice = choice or RuntimeChoice.resolve()
         checkpoint = load_checkpoint(path)
         net = checkpoint.build_model("cpu")
+        space = Space.of(net)
         runtime = create_runtime(net, checkpoint.card.preprocess.crop, choice)
-        return cls(checkpoint, runtime, people)
+        return cls(checkpoint, runtime, people, space)
 
     @property
     def card_name(self) -> str:
@@ -230,7 +238,7 @@ class Tagger:
 
     def outputs(self, batch: torch.Tensor) -> Scores:
         """(B, 3, H, W) uint8 pixels -> one forward pass's :class:`Scores`: the class
-        probabilities (as :meth:`probabilities`), every custom tag's (one (C, K) matrix
+        probabilities (as :meth:`probabilities`), every custom tag's (one (D, K) matrix
         multiply over the batch) and the pooled features."""
         heads = self.custom_heads  # read once: a swap during the pass waits for the next
         batch = batch.to(self.device, non_blocking=True)
@@ -240,7 +248,9 @@ class Tagger:
             probabilities = torch.sigmoid(logits).cpu()
         else:
             probabilities = torch.softmax(logits, dim=1).cpu()
-        return Scores(probabilities, heads.probabilities(probabilities), features.cpu(), heads)
+        features = features.cpu()
+        custom = heads.probabilities(probabilities, features)
+        return Scores(probabilities, custom, features, heads)
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The runtime's logits and features; with the card's TTA, the logits averaged over the

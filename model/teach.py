@@ -3,7 +3,8 @@
     phototag teach shrek --positive photos/shrek/ [--negative photos/not-shrek/]
     phototag teach --list
     phototag teach --forget shrek
-    phototag teach --refit          # re-teach the stale tags from their photos' paths
+    phototag teach --refit          # re-teach the stale tags from their photos' paths (and
+                                    # those kept without the features the model now reads)
 
 The tags of a checkpoint ``X.safetensors`` live in ``custom-tags/X/`` beside it (the server's
 default too: PHOTOTAG_CUSTOM_TAGS_DIR), so a tag taught here is served after the next restart,
@@ -21,7 +22,15 @@ from pathlib import Path
 
 import torch
 
-from model.custom_tags import CustomHeads, CustomTag, CustomTagError, CustomTagStore, check_name
+from model.custom_tags import (
+    CustomHeads,
+    CustomTag,
+    CustomTagError,
+    CustomTagStore,
+    Examples,
+    Space,
+    check_name,
+)
 from model.imageio import PhotoError
 
 STORE_FOLDER = "custom-tags"
@@ -44,19 +53,20 @@ def teach(
     store: CustomTagStore,
     model_id: str,
     backbone: str,
+    space: Space,
     name: str,
-    positives: torch.Tensor,
-    negatives: torch.Tensor,
+    positives: Examples,
+    negatives: Examples,
     *,
     limits: Limits = Limits(),
     positive_sources: Sequence[str | None] = (),
     negative_sources: Sequence[str | None] = (),
 ) -> CustomTag:
-    """Add examples (their (N, C) class probabilities) to tag ``name`` of a model, creating it,
-    re-fit it and write it; return it. Raises :class:`CustomTagError` (``stale_tag``,
-    ``limit_reached``, ``no_positives``, ``invalid_tag_name``) and leaves the file as it was."""
+    """Add examples to tag ``name`` of a model, creating it, re-fit it in ``space`` and write
+    it; return it. Raises :class:`CustomTagError` (``stale_tag``, ``limit_reached``,
+    ``no_positives``, ``invalid_tag_name``) and leaves the file as it was."""
     check_name(name)
-    num_classes = (positives if len(positives) else negatives).shape[1]
+    some = positives if len(positives) else negatives
     if store.exists(model_id, name):
         tag = store.load(model_id, name)
         if tag.stale(backbone):
@@ -73,7 +83,8 @@ def teach(
                 f"model {model_id!r} has {limits.max_tags} custom tags already "
                 "(PHOTOTAG_MAX_CUSTOM_TAGS); delete one first",
             )
-        tag = CustomTag.new(name, backbone, num_classes)
+        num_classes, num_features = some.probabilities.shape[1], some.features.shape[1]
+        tag = CustomTag.new(name, backbone, num_classes, num_features)
     total = len(tag.positives) + len(tag.negatives) + len(positives) + len(negatives)
     if total > limits.max_examples:
         raise CustomTagError(
@@ -87,7 +98,7 @@ def teach(
         positive_sources=positive_sources,
         negative_sources=negative_sources,
     )
-    tag.refit()
+    tag.refit(space)
     store.save(model_id, tag)
     return tag
 
@@ -97,7 +108,7 @@ def serve_tags(store: CustomTagStore, model_id: str, tagger) -> list[CustomTag]:
     ``tagger``; return every stored tag, stale ones included."""
     tags = store.load_all(model_id)
     backbone = tagger.probabilities_version
-    tagger.custom_heads = CustomHeads.of([t for t in tags if not t.stale(backbone)])
+    tagger.custom_heads = CustomHeads.of([t for t in tags if not t.stale(backbone)], tagger.space)
     tagger.suppressions = store.load_suppressions(model_id, backbone)
     return tags
 
@@ -113,16 +124,19 @@ def photo_files(folder: Path) -> list[Path]:
     )
 
 
-def probabilities_of(tagger, paths: Iterable[Path]) -> tuple[torch.Tensor, list[str], list[str]]:
-    """Photos on disk -> their (N, C) class probabilities, the paths read and those skipped
+def examples_of(tagger, paths: Iterable[Path]) -> tuple[Examples, list[str], list[str]]:
+    """Photos on disk -> their :class:`Examples`, the paths read and those skipped
     (unreadable, with why)."""
-    rows, read, skipped = [], [], []
+    found = Examples.empty(len(tagger.classes))
+    read, skipped = [], []
     batch: list[torch.Tensor] = []
     names: list[str] = []
 
     def flush() -> None:
+        nonlocal found
         if batch:
-            rows.append(tagger.outputs(torch.stack(batch)).probabilities)
+            scores = tagger.outputs(torch.stack(batch))
+            found = found + Examples(scores.probabilities, scores.features)
             read.extend(names)
             batch.clear()
             names.clear()
@@ -136,8 +150,7 @@ def probabilities_of(tagger, paths: Iterable[Path]) -> tuple[torch.Tensor, list[
         if len(batch) == BATCH:
             flush()
     flush()
-    empty = torch.zeros(0, len(tagger.classes))
-    return (torch.cat(rows) if rows else empty), read, skipped
+    return found, read, skipped
 
 
 def _describe(tag: CustomTag, backbone: str) -> str:
@@ -158,9 +171,9 @@ def _refit(store: CustomTagStore, model_id: str, tagger, names: list[str], limit
     for tag in store.load_all(model_id):
         if names and tag.name not in names:
             continue
-        if not tag.stale(tagger.probabilities_version):
+        if not tag.stale(tagger.probabilities_version) and tag.space == tagger.space.name:
             print(f"{tag.name}: up to date")
-            continue
+            continue  # (a tag kept without features, in a model that has them, is read again)
         if None in tag.sources or len(tag.sources) != len(tag.positives) + len(tag.negatives):
             print(
                 f"{tag.name}: some of its photos came by upload and were not kept; teach it "
@@ -171,14 +184,14 @@ def _refit(store: CustomTagStore, model_id: str, tagger, names: list[str], limit
             continue
         pos_paths = [Path(p) for p in tag.sources[: len(tag.positives)]]
         neg_paths = [Path(p) for p in tag.sources[len(tag.positives) :]]
-        positives, pos_read, skipped = probabilities_of(tagger, pos_paths)
-        negatives, neg_read, more = probabilities_of(tagger, neg_paths)
+        positives, pos_read, skipped = examples_of(tagger, pos_paths)
+        negatives, neg_read, more = examples_of(tagger, neg_paths)
         for line in skipped + more:
             print(f"skipped {line}", file=sys.stderr)
         store.delete(model_id, tag.name)
         fresh = teach(
-            store, model_id, tagger.probabilities_version, tag.name, positives, negatives,
-            limits=limits, positive_sources=pos_read, negative_sources=neg_read,
+            store, model_id, tagger.probabilities_version, tagger.space, tag.name, positives,
+            negatives, limits=limits, positive_sources=pos_read, negative_sources=neg_read,
         )  # fmt: skip
         print(_describe(fresh, tagger.probabilities_version))
     return failed
@@ -211,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--refit",
         action="store_true",
-        help="re-read the photos of stale tags (NAME, or all) after the model changed",
+        help="re-read the photos of stale tags (NAME, or all) after the model changed, and of "
+        "tags kept without the pooled features the model's heads now read",
     )
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda (default: cpu)")
     args = parser.parse_args(argv)
@@ -252,13 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         pos_files = photo_files(args.positive) if args.positive else []
         neg_files = photo_files(args.negative) if args.negative else []
-        positives, pos_read, skipped = probabilities_of(tagger, pos_files)
-        negatives, neg_read, more = probabilities_of(tagger, neg_files)
+        positives, pos_read, skipped = examples_of(tagger, pos_files)
+        negatives, neg_read, more = examples_of(tagger, neg_files)
         for line in skipped + more:
             print(f"skipped {line}", file=sys.stderr)
         tag = teach(
-            store, model_id, backbone, args.name, positives, negatives, limits=limits,
-            positive_sources=pos_read, negative_sources=neg_read,
+            store, model_id, backbone, tagger.space, args.name, positives, negatives,
+            limits=limits, positive_sources=pos_read, negative_sources=neg_read,
         )  # fmt: skip
         print(_describe(tag, backbone))
         print(

@@ -69,6 +69,23 @@ def write_tiny_checkpoint(
     return save(path, net, ModelCard(**fields))
 
 
+def write_lite_checkpoint(path: Path, *, seed: int = 0) -> Path:
+    """A random EfficientNet-Lite0 at 64 px, with the tiny classes: a network whose pooled
+    features the custom tags read (seed_cnn's they do not)."""
+    import torch
+
+    torch.manual_seed(seed)
+    net = architectures.build("efficientnet_lite0", len(TINY_CLASSES))
+    card = ModelCard(
+        name="lite",
+        arch="efficientnet_lite0",
+        classes=TINY_CLASSES,
+        task="single_label",
+        preprocess=Preprocess(resize=72, crop=64),
+    )
+    return save(path, net, card)
+
+
 COLORS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
 
 

@@ -259,8 +259,9 @@ def test_a_tag_taught_from_ten_real_ants_finds_other_ants(client_for, default_ch
     client = client_for(default_checkpoint, custom_tags_dir=tmp_path / "tags")
     r = teach(client, "my-ant", positives=[p.read_bytes() for p in ants[:10]], negatives=[])
     assert r.status_code == 200, r.text
-    found = [bool(custom(tags_of(client, p.read_bytes()))) for p in ants[20:30] + bees[:10]]
-    assert sum(found[:10]) >= 7 and sum(found[10:]) <= 3, found
+    found = [bool(custom(tags_of(client, p.read_bytes()))) for p in ants[20:60] + bees[:40]]
+    # no negatives: recall about 0.75 and precision about 0.85 (bench/README.md)
+    assert sum(found[:40]) >= 24 and sum(found[40:]) <= 6, found
 
 
 def test_settings_put_the_tags_beside_the_models(tmp_path):

@@ -132,3 +132,28 @@ def test_same_padding_matches_tensorflow_output_sizes():
     for size in (224, 225, 7, 8):
         out = conv(torch.zeros(1, 1, size, size))
         assert out.shape[-1] == -(-size // 2)  # ceil(size / stride)
+
+
+def test_the_mean_pooled_feature_comes_from_the_last_batchnorm():
+    """BatchNorm -> ReLU -> average pool: each channel's mean is E[relu(z)], z ~ N(bias,
+    weight^2) over the photos it was trained on, m * Phi(m / s) + s * phi(m / s)."""
+    norm = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        norm.bias.copy_(torch.tensor([-1.0, 0.0, 2.0]))
+        norm.weight.copy_(torch.tensor([0.5, 1.0, -3.0]))  # the sign does not matter
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), norm, torch.nn.ReLU())
+    net = architectures.TaggerNet(
+        torch.nn.Sequential(block, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), 3, 2, 0.0
+    )
+    m, s = norm.bias.detach(), norm.weight.detach().abs()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    expected = m * normal.cdf(m / s) + s * normal.log_prob(m / s).exp()
+    torch.testing.assert_close(architectures.pooled_feature_mean(net), expected, atol=1e-4, rtol=0)
+    lite = build("efficientnet_lite2", 5)
+    assert architectures.pooled_feature_mean(lite).shape == (1280,)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "seed_cnn"])
+def test_no_mean_pooled_feature_where_the_features_do_not_end_in_batchnorm(arch):
+    """A ResNet ends in a residual sum, seed_cnn in fully-connected layers."""
+    assert architectures.pooled_feature_mean(build(arch, 3)) is None

@@ -9,18 +9,27 @@ import pytest
 import torch
 
 from model.custom_tags import (
+    PROBABILITIES,
+    WITH_FEATURES,
     CustomHeads,
     CustomTag,
     CustomTagError,
     CustomTagStore,
+    Examples,
+    Space,
     Suppressions,
     check_name,
     fit,
-    head_inputs,
 )
 from model.tagger import Scores
 from model.teach import Limits, main, serve_tags, teach
-from tests.helpers import COLORS, load_tagger, photo_bytes, write_photo_folder
+from tests.helpers import (
+    COLORS,
+    load_tagger,
+    photo_bytes,
+    write_lite_checkpoint,
+    write_photo_folder,
+)
 
 C = 40  # classes of the synthetic examples
 
@@ -32,6 +41,17 @@ def peaked(classes: list[int], count: int, seed: int, num_classes: int = C) -> t
     picks = torch.tensor(classes)[torch.randint(len(classes), (count,), generator=g)]
     logits[torch.arange(count), picks] += 5
     return torch.softmax(logits, 1)
+
+
+def ex(probabilities: torch.Tensor, features: torch.Tensor | None = None) -> Examples:
+    """Examples of these class probabilities (and features; none kept by default)."""
+    if features is None:
+        features = torch.zeros(len(probabilities), 0)
+    return Examples(probabilities, features)
+
+
+NONE = ex(torch.zeros(0, C))
+P_ONLY = Space()
 
 
 @pytest.mark.parametrize(
@@ -50,18 +70,112 @@ def test_good_tag_names_pass(name):
 
 def test_a_fitted_tag_separates_its_concept_from_other_concepts():
     positives, others = peaked([3, 4], 10, 0), peaked(list(range(10, 40)), 200, 1)
-    result = fit(positives, torch.zeros(0, C))  # no negatives: the built-in ones
+    result = fit(ex(positives), NONE)  # no negatives: the built-in ones
     assert result.builtin_negatives == C - 2  # every class but the two the positives look like
-    scores = torch.sigmoid(head_inputs(peaked([3, 4], 50, 2)) @ result.weight + result.bias)
-    others_scores = torch.sigmoid(head_inputs(others) @ result.weight + result.bias)
+    assert result.space == PROBABILITIES
+    inputs = P_ONLY.inputs(ex(peaked([3, 4], 50, 2)))
+    scores = torch.sigmoid(inputs @ result.weight + result.bias)
+    others_scores = torch.sigmoid(P_ONLY.inputs(ex(others)) @ result.weight + result.bias)
     assert (scores >= result.threshold).float().mean() > 0.9
     assert (others_scores >= result.threshold).float().mean() < 0.05
     assert result.estimate.precision is None  # no negatives of the user's: not estimated
     assert result.estimate.recall is not None and result.estimate.recall > 0.8
 
 
+def feature_space(num_features: int = 16) -> Space:
+    g = torch.Generator().manual_seed(3)
+    directions = torch.nn.functional.normalize(torch.randn(C, num_features, generator=g), dim=1)
+    return Space(center=torch.full((num_features,), 2.0), directions=directions)
+
+
+def around(space: Space, direction: int, count: int, seed: int) -> torch.Tensor:
+    """(count, F) pooled features: the mean plus one axis, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    features = space.center + 0.3 * torch.randn(count, len(space.center), generator=g)
+    features[:, direction] += 1.0
+    return features
+
+
+def test_the_features_separate_what_the_class_probabilities_do_not():
+    """A concept the classifier has no class for: its photos and others look like the same
+    class (Shrek toys and real cats), and only the pooled features tell them apart."""
+    space = feature_space()
+    positives = ex(peaked([3], 10, 0), around(space, 0, 10, 0))
+    negatives = ex(peaked([3], 10, 3), around(space, 5, 10, 3))
+    tested = {
+        "same": ex(peaked([3], 50, 1), around(space, 0, 50, 1)),
+        "other": ex(peaked([3], 50, 2), around(space, 5, 50, 2)),
+    }
+    hits = {}
+    for name, each in {"features": space, "probabilities": P_ONLY}.items():
+        result = fit(positives, negatives, each)
+        assert result.space == each.name
+        hits[name] = {
+            k: (torch.sigmoid(each.inputs(v) @ result.weight + result.bias) >= result.threshold)
+            .float()
+            .mean()
+            for k, v in tested.items()
+        }
+    assert hits["features"]["same"] > 0.9 and hits["features"]["other"] < 0.1
+    assert abs(hits["probabilities"]["same"] - hits["probabilities"]["other"]) < 0.3
+    inputs = space.inputs(tested["same"])  # unit vectors, half from each part
+    torch.testing.assert_close(inputs.norm(dim=1), torch.ones(50))
+    torch.testing.assert_close(inputs[:, :C].norm(dim=1), torch.full((50,), 0.5**0.5))
+
+
+def test_the_built_in_negatives_of_a_feature_space_are_class_directions():
+    space = feature_space()
+    exclude = torch.zeros(C, dtype=torch.bool)
+    exclude[3] = True
+    protos = space.prototypes(C, exclude)
+    assert protos.shape == (C - 1, C + 16)
+    torch.testing.assert_close(protos[:, C:] / 0.5**0.5, space.directions[~exclude])
+    torch.testing.assert_close(protos.norm(dim=1), torch.ones(C - 1))
+    result = fit(ex(peaked([3], 10, 0), around(space, 0, 10, 0)), NONE, space)
+    assert result.builtin_negatives == C - 1 and result.weight.shape == (C + 16,)
+
+
+def test_without_features_a_tag_is_fitted_and_served_on_the_probabilities(tmp_path):
+    """A tag written before features were kept (format 1): it loads, is served exactly as
+    before in a space with features, and stays on the probabilities when taught more."""
+    from safetensors.torch import save
+
+    space = feature_space()
+    old = CustomTag.new("shrek", "v1", C)
+    old.add(ex(peaked([3], 6, 0)), NONE)
+    old.refit(space)  # no features: the probabilities only
+    assert old.space == PROBABILITIES and old.weight.shape == (C,)
+    header = {
+        "format_version": 1, "name": "shrek", "backbone": "v1", "space": PROBABILITIES,
+        "bias": old.bias, "threshold": old.threshold, "estimate": old.estimate.to_dict(),
+        "builtin_negatives": old.builtin_negatives, "sources": [None] * 6,
+    }  # fmt: skip
+    tensors = {"positives": old.positives.probabilities, "negatives": torch.zeros(0, C),
+               "weight": old.weight}  # fmt: skip
+    folder = tmp_path / "m"
+    folder.mkdir()
+    import json
+
+    (folder / "shrek.safetensors").write_bytes(
+        save(tensors, metadata={"phototag_custom_tag": json.dumps(header)})
+    )
+    store = CustomTagStore(tmp_path)
+    loaded = store.load("m", "shrek")
+    assert not loaded.stale("v1") and not loaded.positives.has_features
+    photos = peaked(list(range(C)), 7, 5)
+    features = around(space, 1, 7, 5)
+    served = CustomHeads.of([loaded], space).probabilities(photos, features)[:, 0]
+    alone = torch.sigmoid(P_ONLY.inputs(ex(photos)) @ old.weight + old.bias)
+    torch.testing.assert_close(served, alone)
+    more = teach(
+        store, "m", "v1", space, "shrek", ex(peaked([3], 2, 9), around(space, 0, 2, 9)), NONE
+    )
+    assert more.space == PROBABILITIES and len(more.positives) == 8
+    assert store.load("m", "shrek").space == PROBABILITIES
+
+
 def test_with_negatives_the_threshold_and_precision_come_from_cross_validation():
-    result = fit(peaked([3], 12, 0), peaked([20, 21], 12, 1))
+    result = fit(ex(peaked([3], 12, 0)), ex(peaked([20, 21], 12, 1)))
     assert result.estimate.folds == 5
     assert result.estimate.precision == 1.0 and result.estimate.recall == 1.0
     assert 0.3 <= result.threshold <= 0.9
@@ -69,20 +183,21 @@ def test_with_negatives_the_threshold_and_precision_come_from_cross_validation()
 
 def test_a_tag_needs_a_positive():
     with pytest.raises(CustomTagError) as error:
-        fit(torch.zeros(0, C), peaked([1], 3, 0))
+        fit(NONE, ex(peaked([1], 3, 0)))
     assert error.value.code == "no_positives"
 
 
 def test_the_store_keeps_a_tag_in_one_file_per_model_and_name(tmp_path):
     store = CustomTagStore(tmp_path / "tags")
     tag = CustomTag.new("shrek", "v1", C)
-    tag.add(peaked([3], 4, 0), peaked([9], 2, 1), positive_sources=["/p/a.jpg"] * 4)
+    tag.add(ex(peaked([3], 4, 0)), ex(peaked([9], 2, 1)), positive_sources=["/p/a.jpg"] * 4)
     tag.refit()
     path = store.save("pets", tag)
     assert path == tmp_path / "tags" / "pets" / "shrek.safetensors"
     assert [p.name for p in path.parent.iterdir()] == ["shrek.safetensors"]  # no temp left
     again = store.load("pets", "shrek")
-    assert torch.equal(again.positives, tag.positives) and torch.equal(again.weight, tag.weight)
+    assert torch.equal(again.positives.probabilities, tag.positives.probabilities)
+    assert torch.equal(again.weight, tag.weight)
     assert again.sources == ["/p/a.jpg"] * 4 + [None, None]
     assert again.info("v1") == tag.info("v1")
     assert store.names("pets") == ["shrek"] and store.names("other") == []
@@ -98,15 +213,15 @@ def test_stacked_heads_score_every_tag_in_one_multiply_as_each_alone(tmp_path):
     tags = []
     for i, name in enumerate(["b-tag", "a-tag", "c-tag"]):
         tag = CustomTag.new(name, "v1", C)
-        tag.add(peaked([i], 5, i), peaked([30], 5, 9))
+        tag.add(ex(peaked([i], 5, i)), ex(peaked([30], 5, 9)))
         tag.refit()
         tags.append(tag)
-    heads = CustomHeads.of(tags)
+    heads = CustomHeads.of(tags, P_ONLY)
     assert heads.names == ("a-tag", "b-tag", "c-tag")
     photos = peaked(list(range(C)), 7, 5)
-    together = heads.probabilities(photos)  # (7, 3)
+    together = heads.probabilities(photos, torch.zeros(7, 0))  # (7, 3)
     for tag in tags:
-        alone = torch.sigmoid(head_inputs(photos) @ tag.weight + tag.bias)
+        alone = torch.sigmoid(P_ONLY.inputs(ex(photos)) @ tag.weight + tag.bias)
         torch.testing.assert_close(together[:, heads.names.index(tag.name)], alone)
     assert heads.without("b-tag").names == ("a-tag", "c-tag")
     assert heads.without("b-tag").with_tag(tags[0]).names == heads.names
@@ -115,15 +230,19 @@ def test_stacked_heads_score_every_tag_in_one_multiply_as_each_alone(tmp_path):
 def test_teach_refuses_past_its_limits_and_on_a_stale_tag(tmp_path):
     store = CustomTagStore(tmp_path)
     limits = Limits(max_examples=6, max_tags=1)
-    teach(store, "m", "v1", "one", peaked([1], 4, 0), torch.zeros(0, C), limits=limits)
+
+    def teach_one(backbone: str, name: str, count: int) -> None:
+        teach(store, "m", backbone, P_ONLY, name, ex(peaked([1], count, 0)), NONE, limits=limits)
+
+    teach_one("v1", "one", 4)
     with pytest.raises(CustomTagError, match="at most 6") as error:
-        teach(store, "m", "v1", "one", peaked([1], 3, 0), torch.zeros(0, C), limits=limits)
+        teach_one("v1", "one", 3)
     assert error.value.code == "limit_reached"
     assert len(store.load("m", "one").positives) == 4  # unchanged
     with pytest.raises(CustomTagError, match="1 custom tags"):
-        teach(store, "m", "v1", "two", peaked([1], 1, 0), torch.zeros(0, C), limits=limits)
+        teach_one("v1", "two", 1)
     with pytest.raises(CustomTagError) as error:
-        teach(store, "m", "v2", "one", peaked([1], 1, 0), torch.zeros(0, C), limits=limits)
+        teach_one("v2", "one", 1)
     assert error.value.code == "stale_tag"
 
 
@@ -133,8 +252,9 @@ def test_one_forward_pass_gives_class_and_custom_tag_probabilities(tiny_checkpoi
     pixels = torch.stack([tagger.pixels(red), tagger.pixels(blue)])
     before = tagger.outputs(pixels)
     store = CustomTagStore(tmp_path)
-    teach(store, "tiny", tagger.probabilities_version, "reddish",
-          before.probabilities[:1].repeat(3, 1), before.probabilities[1:].repeat(3, 1))  # fmt: skip
+    examples = Examples(before.probabilities, before.features)
+    teach(store, "tiny", tagger.probabilities_version, tagger.space, "reddish",
+          examples[[0, 0, 0]], examples[[1, 1, 1]])  # fmt: skip
     serve_tags(store, "tiny", tagger)
     scores = tagger.outputs(pixels)
     assert scores.custom.shape == (2, 1) and scores.heads.names == ("reddish",)
@@ -153,27 +273,38 @@ def test_one_forward_pass_gives_class_and_custom_tag_probabilities(tiny_checkpoi
 def test_a_stored_tag_of_another_backbone_is_not_served(tiny_checkpoint, tmp_path):
     tagger = load_tagger(tiny_checkpoint)
     store = CustomTagStore(tmp_path)
-    teach(store, "tiny", "another-one", "old", peaked([0], 3, 0, 3), torch.zeros(0, 3))
+    teach(
+        store, "tiny", "another-one", P_ONLY, "old", ex(peaked([0], 3, 0, 3)), ex(torch.zeros(0, 3))
+    )
     tags = serve_tags(store, "tiny", tagger)
     assert [t.name for t in tags] == ["old"] and tags[0].stale(tagger.probabilities_version)
     assert len(tagger.custom_heads) == 0
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("openvino"), reason="needs openvino")
-def test_custom_tags_come_out_of_the_openvino_backend_as_out_of_torch(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("network", ["seed_cnn", "lite"])
+def test_custom_tags_come_out_of_the_openvino_backend_as_out_of_torch(
+    network, tiny_checkpoint, tmp_path
+):
+    checkpoint = tiny_checkpoint
+    if network == "lite":
+        checkpoint = write_lite_checkpoint(tmp_path / "tiny.safetensors")
     photos = [photo_bytes(color=c) for c in COLORS.values()]
-    taggers = [load_tagger(tiny_checkpoint, backend=b) for b in ("torch", "openvino")]
+    taggers = [load_tagger(checkpoint, backend=b) for b in ("torch", "openvino")]
     assert taggers[1].backend == "openvino"
+    assert taggers[0].space.name == (WITH_FEATURES if network == "lite" else PROBABILITIES)
     store = CustomTagStore(tmp_path)
-    probabilities = taggers[0].outputs(torch.stack([taggers[0].pixels(p) for p in photos]))
-    teach(store, "tiny", taggers[0].probabilities_version, "first",
-          probabilities.probabilities[:1], probabilities.probabilities[1:])  # fmt: skip
+    scores = taggers[0].outputs(torch.stack([taggers[0].pixels(p) for p in photos]))
+    examples = Examples(scores.probabilities, scores.features)
+    teach(store, "tiny", taggers[0].probabilities_version, taggers[0].space, "first",
+          examples[:1], examples[1:])  # fmt: skip
     results = []
     for tagger in taggers:
         serve_tags(store, "tiny", tagger)
         results.append(tagger.outputs(torch.stack([tagger.pixels(p) for p in photos])))
     torch.testing.assert_close(results[0].custom, results[1].custom, atol=1e-4, rtol=1e-4)
     assert results[1].custom.shape == (3, 1) and results[1].features.shape[0] == 3
+    assert store.load("tiny", "first").space == taggers[0].space.name
 
 
 def test_a_vocabulary_tag_marked_wrong_is_suppressed_on_that_photo_only(tiny_checkpoint):
@@ -226,3 +357,25 @@ def test_phototag_teach_refit_rereads_the_photos_of_a_stale_tag(tiny_checkpoint,
     fresh = store.load("tiny", "reddish")
     assert fresh.backbone == load_tagger(tiny_checkpoint).probabilities_version
     assert len(fresh.positives) == 3
+
+
+def test_phototag_teach_refit_gives_a_tag_kept_without_features_the_features(tmp_path, capsys):
+    """A tag taught before the features were kept, on a network whose heads read them: --refit
+    reads its photos again, and it is fitted on the features too."""
+    checkpoint = write_lite_checkpoint(tmp_path / "lite.safetensors")
+    photos = write_photo_folder(tmp_path / "photos", per_class=3)
+    argv = ["--checkpoint", str(checkpoint)]
+    assert main(["reddish", "--positive", str(photos / "red"), *argv]) == 0
+    store = CustomTagStore(tmp_path / "custom-tags")
+    tag = store.load("lite", "reddish")
+    assert tag.space == WITH_FEATURES and tag.positives.has_features
+    tag.positives = ex(tag.positives.probabilities)  # as a format-1 file kept it
+    tag.refit()
+    store.save("lite", tag)
+    assert store.load("lite", "reddish").space == PROBABILITIES
+    assert main(["--refit", *argv]) == 0
+    fresh = store.load("lite", "reddish")
+    assert fresh.space == WITH_FEATURES and len(fresh.positives) == 3
+    capsys.readouterr()
+    assert main(["--refit", *argv]) == 0
+    assert capsys.readouterr().out.strip() == "reddish: up to date"

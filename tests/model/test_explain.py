@@ -80,6 +80,7 @@ def test_the_top_tag_is_explained_when_none_is_named(default_checkpoint):
 # spatial map before the pooling or flatten.
 FEATURE_LAYERS = {
     "efficientnet_lite0": (64, "features.2"),  # the 1x1 head conv block, before the avg pool
+    "efficientnet_lite2": (64, "features.2"),
     "seed_cnn": (32, "features.5"),  # the last max-pool, before the flatten
     "resnet18": (64, "features.layer4"),  # the last stage, residual sums included
     "resnet50": (64, "features.layer4"),
@@ -87,7 +88,13 @@ FEATURE_LAYERS = {
     "mobilenet_v3_large": (64, "features.features"),
     "efficientnet_b0": (64, "features.features"),
 }
-AVERAGE_POOLED = {"efficientnet_lite0", "resnet18", "resnet50", "efficientnet_b0"}
+AVERAGE_POOLED = {
+    "efficientnet_lite0",
+    "efficientnet_lite2",
+    "resnet18",
+    "resnet50",
+    "efficientnet_b0",
+}
 
 
 def test_every_registered_architecture_is_covered():
