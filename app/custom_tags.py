@@ -1,7 +1,8 @@
 """Custom tags over HTTP: teach, list, forget, correct (README: "Teach your own tags").
 
 The photos of a teaching request are decoded by the server's Decoder and go through the
-batcher like any upload (one forward pass gives their class probabilities); the fit then runs
+batcher like any upload (one forward pass gives their class probabilities and pooled
+features); the fit then runs
 on this module's own thread, never the batcher's inference thread, under a lock per tag so
 that concurrent teaching of one tag never loses an example. The fitted heads are swapped into
 the served :class:`model.tagger.Tagger` whole (one attribute assignment on the event loop): a
@@ -15,7 +16,6 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal, cast
 
-import torch
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, UploadFile
@@ -95,6 +95,13 @@ class CustomTagInfo(BaseModel):
         description="Taught on another version of the model: not served until taught again."
     )
     backbone: str = Field(description="The model version its examples were computed with.")
+    space: str = Field(
+        description="What its head reads: sqrt_probabilities+features (the class probabilities "
+        "and the pooled features, where the network gives them), or sqrt_probabilities (other "
+        "networks, and tags kept without features: phototag teach --refit reads their photos "
+        "again).",
+        examples=["sqrt_probabilities+features"],
+    )
     created_at: str
     updated_at: str
 
@@ -276,7 +283,7 @@ async def add_examples(
     positives, negatives = await _read_examples(request, settings)
     tagger = served.tagger
     scores = await _scores(positives + negatives, tagger, served.model_id, decoder, batcher)
-    examples = _examples(scores)
+    examples = Examples.of(scores)
     tag = await _teach(
         custom,
         registry,
@@ -333,7 +340,7 @@ async def feedback(
     [scores] = await _scores([photo], tagger, served.model_id, decoder, batcher)
     if tag.startswith(f"{CUSTOM}/"):
         name = tag.removeprefix(f"{CUSTOM}/")
-        row = _examples([scores])
+        row = Examples.of([scores])
         positives, negatives = (row, row[:0]) if verdict == "right" else (row[:0], row)
         async with custom.lock(served.model_id, name):
             if not await custom.run(custom.store.exists, served.model_id, _checked(name)):
@@ -406,14 +413,6 @@ def _swap(registry: ModelRegistry, model_id: str, tagger: Tagger, change) -> Non
         pass
     for each in taggers.values():
         each.custom_heads = change(each.custom_heads)
-
-
-def _examples(scores: list[Scores]) -> Examples:
-    """Each photo's class probabilities and pooled features, as examples of a tag."""
-    return Examples(
-        torch.stack([s.probabilities for s in scores]).reshape(len(scores), -1),
-        torch.stack([s.features for s in scores]).reshape(len(scores), -1),
-    )
 
 
 async def _scores(

@@ -12,7 +12,7 @@ not the concept (test negatives never taught). Mean over --repeats draws. Varian
 
 - builtin: no negatives from the user, the built-in ones (the product's default), in the
   model's space (class probabilities and pooled features where the network gives the mean
-  pooled feature: EfficientNet-Lite);
+  pooled feature: EfficientNet);
 - builtin, probabilities: the same, on the class probabilities alone (the space before);
 - user N: N negatives drawn from the test pool (and removed from it), plus the built-in ones;
 - user N only: the same N, no built-in negatives;

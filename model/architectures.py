@@ -90,8 +90,8 @@ _POOLING = (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
 def pooled_feature_mean(net: TaggerNet) -> torch.Tensor | None:
     """The mean of the pooled features over the photos the network was trained on, as its last
     BatchNorm implies, where the features end BatchNorm -> elementwise activation -> average
-    pooling (EfficientNet-Lite, MobileNet, torchvision's EfficientNet); None for any other end (a
-    ResNet's residual sum, a max pool, fully-connected layers).
+    pooling (EfficientNet-Lite, torchvision's EfficientNet); None for any other end (a ResNet's
+    residual sum, a max pool, fully-connected layers after the pool: MobileNetV3, seed_cnn).
 
     Over the training photos each channel's BatchNorm output has mean ``bias`` and standard
     deviation ``|weight|``; taken as normal, its activation's expectation is the channel's

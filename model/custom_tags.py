@@ -101,9 +101,20 @@ class Examples:
     probabilities: torch.Tensor
     features: torch.Tensor
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "probabilities", self.probabilities.float())
+        object.__setattr__(self, "features", self.features.float())
+
     @classmethod
     def empty(cls, num_classes: int, num_features: int = 0) -> Examples:
         return cls(torch.zeros(0, num_classes), torch.zeros(0, num_features))
+
+    @classmethod
+    def of(cls, scores: Sequence[Any]) -> Examples:
+        """The photos of :class:`model.tagger.Scores` (a batch's, or one photo's each)."""
+        probabilities = [s.probabilities.reshape(-1, s.probabilities.shape[-1]) for s in scores]
+        features = [s.features.reshape(-1, s.features.shape[-1]) for s in scores]
+        return cls(torch.cat(probabilities), torch.cat(features))
 
     def __len__(self) -> int:
         return len(self.probabilities)
@@ -118,10 +129,10 @@ class Examples:
         if not len(self):
             return other
         if self.features.shape[1] == other.features.shape[1]:
-            features = torch.cat([self.features, other.features.float()])
+            features = torch.cat([self.features, other.features])
         else:
             features = torch.zeros(len(self) + len(other), 0)
-        return Examples(torch.cat([self.probabilities, other.probabilities.float()]), features)
+        return Examples(torch.cat([self.probabilities, other.probabilities]), features)
 
     @property
     def has_features(self) -> bool:
@@ -184,11 +195,16 @@ class Space:
     def weight_of(self, weight: torch.Tensor, space: str) -> torch.Tensor:
         """A head's weight, fitted in ``space``, over this space's inputs: a probabilities-only
         head reads the same numbers in a space with features, at 1/HALF of their scale."""
+        if self.directions is not None:
+            classes = len(self.directions)
+            expected = {PROBABILITIES: classes, WITH_FEATURES: classes + len(self.directions[0])}
+            if len(weight) != expected.get(space, -1):
+                raise ValueError(f"a {space} head of {len(weight)} weights does not fit")
         if space == self.name:
             return weight
         if space == PROBABILITIES and self.center is not None:
             return torch.cat([weight / HALF, weight.new_zeros(len(self.center))])
-        raise ValueError(f"a {space} head cannot be served in a {self.name} space")
+        raise ValueError(f"a {space} head cannot be served on {self.name}")
 
 
 # ---- fitting
@@ -277,29 +293,31 @@ def fit(
     """Fit a tag on its examples in ``space`` (default: the probabilities only), or in the
     probabilities only where some examples were kept without features.
 
-    The threshold: with user negatives, the one of best F1 on the out-of-fold scores (never
-    under 0.5's neighbourhood of chance: clamped to [0.3, 0.9]); without, halfway between 0.5
-    and the median out-of-fold positive score (0.5 with a single positive). The estimate:
-    out-of-fold precision and recall at that threshold (``folds``-fold, fewer when there are
-    fewer examples; leave-one-out below ``folds``)."""
+    The threshold: with two or more user negatives, the one of best F1 on the out-of-fold scores
+    (never under 0.5's neighbourhood of chance: clamped to [0.3, 0.9]); with fewer, halfway
+    between 0.5 and the (lower) median out-of-fold positive score (0.5 with a single positive).
+    The estimate: out-of-fold precision and recall at that threshold (``folds``-fold, fewer when
+    there are fewer examples; leave-one-out below ``folds``). A single negative is in every
+    fold's training and tested in none: precision needs two."""
     if not len(positives):
         raise CustomTagError("no_positives", "a tag needs at least one positive example")
     space = (space or Space()).for_examples(positives, negatives)
-    k = min(folds, len(positives), len(negatives) if len(negatives) else len(positives))
+    tested = negatives if len(negatives) >= 2 else negatives[:0]  # negatives held out in turn
+    k = min(folds, len(positives), len(tested) if len(tested) else len(positives))
     threshold, estimate = DEFAULT_THRESHOLD, Estimate(None, None, 0)
     if k >= 2:
         pos_scores = torch.empty(len(positives))
-        neg_scores = torch.empty(len(negatives))
-        pos_folds, neg_folds = _folds(len(positives), k), _folds(len(negatives), k)
+        neg_scores = torch.empty(len(tested))
+        pos_folds, neg_folds = _folds(len(positives), k), _folds(len(tested), k)
         for held_pos, held_neg in zip(pos_folds, neg_folds, strict=True):
             keep_pos = torch.ones(len(positives), dtype=torch.bool)
             keep_pos[held_pos] = False
             keep_neg = torch.ones(len(negatives), dtype=torch.bool)
-            keep_neg[held_neg] = False
+            keep_neg[held_neg] = False  # none when the negatives are not tested
             w, b, _ = _fit_head(positives[keep_pos], negatives[keep_neg], builtin, space)
             pos_scores[held_pos] = torch.sigmoid(space.inputs(positives[held_pos]) @ w + b)
-            neg_scores[held_neg] = torch.sigmoid(space.inputs(negatives[held_neg]) @ w + b)
-        if len(negatives):
+            neg_scores[held_neg] = torch.sigmoid(space.inputs(tested[held_neg]) @ w + b)
+        if len(tested):
             threshold = _best_f1_threshold(pos_scores, neg_scores)
         else:
             threshold = _midpoint_threshold(pos_scores)
@@ -397,6 +415,11 @@ class CustomTag:
     def stale(self, backbone: str) -> bool:
         return self.backbone != backbone or self.space not in SPACES
 
+    def current(self, backbone: str, space: Space) -> bool:
+        """Not stale, and reading all that ``space`` offers (a tag kept without features in a
+        model whose heads read them is served, but would gain from its photos read again)."""
+        return not self.stale(backbone) and self.space == space.name
+
     def info(self, backbone: str | None = None) -> dict[str, Any]:
         """What the API and the CLI report of a tag."""
         return {
@@ -408,6 +431,7 @@ class CustomTag:
             "estimate": self.estimate.to_dict(),
             "backbone": self.backbone,
             "stale": backbone is not None and self.stale(backbone),
+            "space": self.space,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -576,7 +600,15 @@ class CustomHeads:
 
     @classmethod
     def of(cls, tags: Sequence[CustomTag], space: Space) -> CustomHeads:
-        return cls(space)._with([cls._column(t, space) for t in tags])
+        """The heads of ``tags`` over ``space``; a tag whose head does not fit it is logged and
+        left out (the others are served)."""
+        columns = []
+        for tag in tags:
+            try:
+                columns.append(cls._column(tag, space))
+            except ValueError as exc:
+                log.warning("not serving custom tag %s: %s", tag.name, exc)
+        return cls(space)._with(columns)
 
     def __len__(self) -> int:
         return len(self.names)

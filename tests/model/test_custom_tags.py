@@ -174,6 +174,31 @@ def test_without_features_a_tag_is_fitted_and_served_on_the_probabilities(tmp_pa
     assert store.load("m", "shrek").space == PROBABILITIES
 
 
+def test_one_negative_keeps_the_threshold_of_no_negatives_and_trains_every_fold():
+    """A single negative (one "wrong" through feedback) cannot be held out and tested: the
+    positives are cross-validated with it in every fold's training, and the threshold stays
+    the one without negatives, not 0.5."""
+    positives = ex(peaked([3], 6, 0))
+    alone, with_one = fit(positives, NONE), fit(positives, ex(peaked([20], 1, 1)))
+    assert alone.threshold > 0.5 and with_one.threshold > 0.5
+    assert with_one.estimate.folds == 5 and with_one.estimate.precision is None
+    assert with_one.estimate.recall is not None
+    negative_score = P_ONLY.inputs(ex(peaked([20], 1, 1))) @ with_one.weight + with_one.bias
+    assert torch.sigmoid(negative_score) < 0.5
+
+
+def test_a_head_that_does_not_fit_the_space_is_left_out_and_the_others_served(caplog):
+    space = feature_space()
+    good = CustomTag.new("good", "v1", C)
+    good.add(ex(peaked([3], 6, 0), around(space, 0, 6, 0)), NONE)
+    good.refit(space)
+    odd = CustomTag.new("odd", "v1", C)
+    odd.weight, odd.space = torch.zeros(C + 3), WITH_FEATURES  # another network's features
+    heads = CustomHeads.of([good, odd], space)
+    assert heads.names == ("good",)
+    assert "not serving custom tag odd" in caplog.text
+
+
 def test_with_negatives_the_threshold_and_precision_come_from_cross_validation():
     result = fit(ex(peaked([3], 12, 0)), ex(peaked([20, 21], 12, 1)))
     assert result.estimate.folds == 5
@@ -379,3 +404,20 @@ def test_phototag_teach_refit_gives_a_tag_kept_without_features_the_features(tmp
     capsys.readouterr()
     assert main(["--refit", *argv]) == 0
     assert capsys.readouterr().out.strip() == "reddish: up to date"
+
+
+def test_phototag_teach_refit_leaves_a_served_tag_whose_photos_are_gone(tmp_path, capsys):
+    checkpoint = write_lite_checkpoint(tmp_path / "lite.safetensors")
+    photos = write_photo_folder(tmp_path / "photos", per_class=3)
+    argv = ["--checkpoint", str(checkpoint)]
+    assert main(["reddish", "--positive", str(photos / "red"), *argv]) == 0
+    store = CustomTagStore(tmp_path / "custom-tags")
+    tag = store.load("lite", "reddish")
+    tag.positives = ex(tag.positives.probabilities)  # kept without features, still served
+    tag.refit()
+    store.save("lite", tag)
+    next((photos / "red").iterdir()).unlink()
+    assert main(["--refit", *argv]) == 1
+    assert "left as it is: 1 photos unreadable" in capsys.readouterr().err
+    kept = store.load("lite", "reddish")
+    assert kept.space == PROBABILITIES and len(kept.positives) == 3
