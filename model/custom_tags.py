@@ -173,12 +173,12 @@ class Space:
 
     def inputs(self, examples: Examples) -> torch.Tensor:
         """Examples -> (N, D) unit vectors the heads read."""
-        roots = examples.probabilities.float().clamp_min(0).sqrt()
+        roots = examples.probabilities.clamp_min(0).sqrt()
         if self.center is None:
             return roots
         if not len(examples):  # none: whatever features they were made with
             return roots.new_zeros(0, roots.shape[1] + len(self.center))
-        centred = F.normalize(examples.features.float() - self.center, dim=1)
+        centred = F.normalize(examples.features - self.center, dim=1)
         return torch.cat([roots, centred], 1) * HALF
 
     def prototypes(self, num_classes: int, exclude: torch.Tensor) -> torch.Tensor:

@@ -127,15 +127,13 @@ def photo_files(folder: Path) -> list[Path]:
 def examples_of(tagger, paths: Iterable[Path]) -> tuple[Examples, list[str], list[str]]:
     """Photos on disk -> their :class:`Examples`, the paths read and those skipped
     (unreadable, with why)."""
-    found = Examples.empty(len(tagger.classes))
-    read, skipped = [], []
+    scores, read, skipped = [], [], []
     batch: list[torch.Tensor] = []
     names: list[str] = []
 
     def flush() -> None:
-        nonlocal found
         if batch:
-            found = found + Examples.of([tagger.outputs(torch.stack(batch))])
+            scores.append(tagger.outputs(torch.stack(batch)))
             read.extend(names)
             batch.clear()
             names.clear()
@@ -149,6 +147,7 @@ def examples_of(tagger, paths: Iterable[Path]) -> tuple[Examples, list[str], lis
         if len(batch) == BATCH:
             flush()
     flush()
+    found = Examples.of(scores) if scores else Examples.empty(len(tagger.classes))
     return found, read, skipped
 
 
@@ -197,12 +196,14 @@ def _refit(store: CustomTagStore, model_id: str, tagger, names: list[str]) -> in
         fresh = CustomTag.new(tag.name, version, len(tagger.classes))
         fresh.created_at = tag.created_at
         fresh.add(positives, negatives, positive_sources=pos_read, negative_sources=neg_read)
-        try:
-            if not stale and skipped + more:
-                raise CustomTagError("unreadable", f"{len(skipped + more)} photos unreadable")
-            fresh.refit(space)
-        except CustomTagError as exc:
-            print(f"{tag.name}: left as it is: {exc.message}", file=sys.stderr)
+        problem = f"{len(skipped + more)} photos unreadable" if not stale and skipped + more else ""
+        if not problem:
+            try:
+                fresh.refit(space)
+            except CustomTagError as exc:
+                problem = exc.message
+        if problem:
+            print(f"{tag.name}: left as it is: {problem}", file=sys.stderr)
             failed += 1
             continue
         store.save(model_id, fresh)
