@@ -384,9 +384,9 @@ def test_phototag_teach_refit_rereads_the_photos_of_a_stale_tag(tiny_checkpoint,
     assert len(fresh.positives) == 3
 
 
-def test_phototag_teach_refit_gives_a_tag_kept_without_features_the_features(tmp_path, capsys):
-    """A tag taught before the features were kept, on a network whose heads read them: --refit
-    reads its photos again, and it is fitted on the features too."""
+def a_tag_kept_without_features(tmp_path):
+    """``reddish`` taught by ``phototag teach`` on a network whose heads read features, then
+    rewritten without them, as a format-1 file kept it: (argv, photos, store)."""
     checkpoint = write_lite_checkpoint(tmp_path / "lite.safetensors")
     photos = write_photo_folder(tmp_path / "photos", per_class=3)
     argv = ["--checkpoint", str(checkpoint)]
@@ -394,10 +394,17 @@ def test_phototag_teach_refit_gives_a_tag_kept_without_features_the_features(tmp
     store = CustomTagStore(tmp_path / "custom-tags")
     tag = store.load("lite", "reddish")
     assert tag.space == WITH_FEATURES and tag.positives.has_features
-    tag.positives = ex(tag.positives.probabilities)  # as a format-1 file kept it
+    tag.positives = ex(tag.positives.probabilities)
     tag.refit()
     store.save("lite", tag)
     assert store.load("lite", "reddish").space == PROBABILITIES
+    return argv, photos, store
+
+
+def test_phototag_teach_refit_gives_a_tag_kept_without_features_the_features(tmp_path, capsys):
+    """A tag taught before the features were kept, on a network whose heads read them: --refit
+    reads its photos again, and it is fitted on the features too."""
+    argv, _, store = a_tag_kept_without_features(tmp_path)
     assert main(["--refit", *argv]) == 0
     fresh = store.load("lite", "reddish")
     assert fresh.space == WITH_FEATURES and len(fresh.positives) == 3
@@ -407,15 +414,7 @@ def test_phototag_teach_refit_gives_a_tag_kept_without_features_the_features(tmp
 
 
 def test_phototag_teach_refit_leaves_a_served_tag_whose_photos_are_gone(tmp_path, capsys):
-    checkpoint = write_lite_checkpoint(tmp_path / "lite.safetensors")
-    photos = write_photo_folder(tmp_path / "photos", per_class=3)
-    argv = ["--checkpoint", str(checkpoint)]
-    assert main(["reddish", "--positive", str(photos / "red"), *argv]) == 0
-    store = CustomTagStore(tmp_path / "custom-tags")
-    tag = store.load("lite", "reddish")
-    tag.positives = ex(tag.positives.probabilities)  # kept without features, still served
-    tag.refit()
-    store.save("lite", tag)
+    argv, photos, store = a_tag_kept_without_features(tmp_path)  # still served
     next((photos / "red").iterdir()).unlink()
     assert main(["--refit", *argv]) == 1
     assert "left as it is: 1 photos unreadable" in capsys.readouterr().err
