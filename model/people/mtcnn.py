@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import box_area, nms, roi_align
 
-WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "mtcnn.safetensors"
+WEIGHTS_PATH = Path(__file__).resolve().parents[1] / "weights" / "mtcnn.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
