@@ -80,14 +80,16 @@ def machine_tags(paths: Iterable[Sequence[str]], root: str, model: str) -> Machi
 def _xmp():  # Exempi is loaded on first use: the server never needs it
     try:
         import libxmp
-    except Exception as exc:  # libxmp raises its ExempiLoadError where libexempi is missing
+        from libxmp import XMPMeta
+
+        # python-xmp-toolkit loads the Exempi library on the first call into it (older
+        # releases at import): this call is where a missing library shows
+        XMPMeta.register_namespace(NS_LR, "lr")
+    except Exception as exc:  # ImportError, or libxmp's ExempiLoadError
         raise RuntimeError(
             f"XMP needs the Exempi library ({exc}): apt-get install libexempi8 (Debian, "
             "Ubuntu), brew install exempi (macOS), or use --xmp none with --out"
         ) from None
-    from libxmp import XMPMeta
-
-    XMPMeta.register_namespace(NS_LR, "lr")
     XMPMeta.register_namespace(NS_DIGIKAM, "digiKam")
     XMPMeta.register_namespace(NS_PHOTOTAG, "phototag")
     return libxmp

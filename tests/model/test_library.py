@@ -352,6 +352,41 @@ def test_usage_and_configuration_errors_exit_2(tmp_path, capsys):
     assert exit_.value.code == 2
 
 
+# Runs `phototag tag` in a fresh process where the Exempi library cannot be found (as on a fresh
+# Debian without libexempi8, or macOS without `brew install exempi`)
+WITHOUT_EXEMPI = """
+import ctypes.util, sys
+find = ctypes.util.find_library
+ctypes.util.find_library = lambda name: None if name == "exempi" else find(name)
+from model.library.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def tag_without_exempi(*args: object) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-c", WITHOUT_EXEMPI, *map(str, args), *FAST]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_without_exempi_xmp_is_one_line_saying_what_to_install(tmp_path, tiny_checkpoint):
+    done = tag_without_exempi(library(tmp_path / "lib"), "--checkpoint", tiny_checkpoint)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
+    assert "Traceback" not in done.stderr
+    for advice in ("apt-get install libexempi8", "brew install exempi", "--xmp none"):
+        assert advice in done.stderr
+
+
+def test_without_exempi_xmp_none_still_tags(tmp_path, tiny_checkpoint):
+    out = tmp_path / "rows.jsonl"
+    root = library(tmp_path / "lib")
+    done = tag_without_exempi(root, "--xmp", "none", "--out", out, "--checkpoint", tiny_checkpoint)
+    assert done.returncode == 0, done.stderr
+    rows = list(rows_of(out))
+    assert len(rows) == 6 and all(r["status"] == "tagged" for r in rows)
+    assert not list(root.rglob("*.xmp"))
+
+
 # ---- resume: exactly once after kill -9
 
 
