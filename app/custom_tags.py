@@ -486,6 +486,4 @@ async def _read_feedback(request: Request, settings: Settings) -> tuple[Upload, 
         raise ApiError(422, "invalid_parameter", "tag: the tag as returned, e.g. custom/shrek")
     if verdict not in ("right", "wrong"):
         raise ApiError(422, "invalid_parameter", "verdict: right or wrong")
-    if not files[0].data:
-        raise ApiError(400, "empty_file", "the photo is empty")
     return files[0], tag.strip(), verdict

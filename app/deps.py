@@ -88,14 +88,15 @@ ServedDep = Annotated[Served, Depends(get_served)]
 UNKNOWN_MODEL = {"model": ErrorResponse, "description": "`?model=` names no served model "
                   "(unknown_model; the message lists the served ones)."}  # fmt: skip
 _ERROR_TEXT = {
-    400: "Nothing to tag, or a malformed body: empty_body, empty_file, no_file, not_a_file, "
+    400: "Nothing to tag, or a malformed body: empty_body, no_file, not_a_file, "
     "bad_request (a broken multipart body, or more than PHOTOTAG_MAX_FILES photos).",
     404: UNKNOWN_MODEL["description"],
     413: "The body is over PHOTOTAG_MAX_BODY_BYTES (payload_too_large), or the image is over "
     "PHOTOTAG_MAX_PIXELS (image_too_large).",
     415: "A Content-Type other than multipart/form-data, image/* or application/octet-stream, or "
     "bytes of no accepted image format (unsupported_media_type).",
-    422: "A corrupt or truncated image (invalid_image), one slower to decode than "
+    422: "An empty photo (empty_file), a corrupt or truncated one (invalid_image), one slower "
+    "to decode than "
     "PHOTOTAG_MAX_DECODE_SECONDS (decode_timeout), or a bad query parameter (invalid_parameter).",
     500: "The model failed on the photo's batch (inference_failed), or a bug (internal_error).",
     503: "Busy or not ready (model_not_ready, overloaded, timeout, out_of_memory, "
@@ -104,6 +105,13 @@ _ERROR_TEXT = {
 ERRORS = {
     status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_TEXT.items()
 }  # every status a route that takes photos can answer, with what it means
-# An empty photo is refused: 400 empty_body (raw) or empty_file (multipart; in a request with
-# several photos, the error of that photo's result).
+# An empty photo is refused: 400 empty_body (raw), 422 empty_file where a route takes one photo.
 PHOTO = {"type": "string", "format": "binary", "minLength": 1}
+# A photo of a batch (several `file` parts): an empty one is allowed by the contract, and it is
+# that photo's result that says so (error empty_file), while the other photos are tagged.
+BATCH_PHOTO = {
+    "type": "string",
+    "format": "binary",
+    "description": "A photo. An empty part is not refused with the request: its result carries "
+    "`error: {code: empty_file}` and the other photos are tagged.",
+}

@@ -28,8 +28,10 @@ class ApiError(Exception):
 
 
 # The HTTP status of each model-side photo error code.
+# A photo with no bytes is a photo that cannot be read, like a truncated one: 422. (An empty
+# raw body, empty_body, is a request with no photo in it: 400.)
 _PHOTO_STATUS = {
-    "empty_file": 400,
+    "empty_file": 422,
     "image_too_large": 413,
     "unsupported_media_type": 415,
     "invalid_image": 422,

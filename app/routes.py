@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, Response
 
 from app.auth import ApiKey
 from app.deps import (
+    BATCH_PHOTO,
     ERRORS,
     PHOTO,
     UNKNOWN_MODEL,
@@ -61,7 +62,7 @@ _UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "array", "minItems": 1, "items": PHOTO}},
+                    "properties": {"file": {"type": "array", "minItems": 1, "items": BATCH_PHOTO}},
                 },
                 "encoding": {"file": {"contentType": "image/*"}},
             },

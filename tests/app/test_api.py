@@ -112,6 +112,21 @@ def test_a_failing_photo_among_several_is_reported_and_the_others_tagged(client)
     assert "notes.txt" in bad["error"]["message"]
 
 
+def test_an_empty_part_among_several_is_that_photos_error_as_the_contract_says(client):
+    files = [
+        ("file", ("empty.jpg", b"", "image/jpeg")),
+        ("file", ("good.jpg", photo_bytes(), "image/jpeg")),
+    ]
+    r = client.post("/v1/tags", files=files)
+    assert r.status_code == 200
+    empty, good = r.json()["results"]
+    assert empty["error"]["code"] == "empty_file" and good["tags"]
+    body = client.get("/openapi.json").json()["paths"]["/v1/tags"]["post"]["requestBody"]
+    item = body["content"]["multipart/form-data"]["schema"]["properties"]["file"]["items"]
+    assert "minLength" not in item and "empty_file" in item["description"]
+    assert body["content"]["image/*"]["schema"]["minLength"] == 1  # an empty raw body: 400
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
@@ -125,7 +140,7 @@ def test_a_failing_photo_among_several_is_reported_and_the_others_tagged(client)
         ({"files": {"photo": ("a.jpg", b"x", "image/jpeg")}}, 400, "no_file"),
         ({"data": {"file": "a string, not a file"}, "files": {"other": ("a", b"x")}}, 400,
          "not_a_file"),
-        ({"files": {"file": ("empty.jpg", b"", "image/jpeg")}}, 400, "empty_file"),
+        ({"files": {"file": ("empty.jpg", b"", "image/jpeg")}}, 422, "empty_file"),
         ({"files": {"file": ("cat.jpg", b"GIF89a", "image/jpeg")}}, 422, "invalid_image"),
     ],
 )  # fmt: skip

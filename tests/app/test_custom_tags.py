@@ -188,7 +188,7 @@ def test_feedback_on_a_vocabulary_tag_suppresses_it_on_that_photo_only(client, t
             "unsupported_media_type",
         ),
         ({"files": examples([b"not a photo"])}, 415, "unsupported_media_type"),
-        ({"files": examples([b""])}, 400, "empty_file"),
+        ({"files": examples([b""])}, 422, "empty_file"),
         ({"files": examples([], BLUE)}, 422, "no_positives"),
     ],
 )

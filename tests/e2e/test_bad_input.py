@@ -161,7 +161,7 @@ PNG = photo_bytes((200, 150), fmt="PNG", noise=60)
 
 CASES = [
     Case("empty-raw-body", raw(b""), 400, "empty_body"),
-    Case("empty-file", upload(b""), 400, "empty_file"),
+    Case("empty-file", upload(b""), 422, "empty_file"),
     Case("empty-multipart", raw(b"", MULTIPART), 400, "no_file"),
     Case("random-bytes", upload(random_bytes(), "random.jpg"), 415, "unsupported_media_type"),
     Case("text-named-jpg", upload(b"hello, I am a photo\n" * 20, "a.jpg"), 415,
