@@ -1,10 +1,13 @@
-"""POST /v1/explain: why a photo got a tag, as a heatmap (JSON grid or a PNG overlay).
+"""POST /v1/explain: why a photo got a tag, as a heatmap (JSON grid or a PNG overlay), or, for a
+people tag (person, portrait, group: from the face detector, not the network), the faces found
+(JSON boxes or the photo with the boxes drawn).
 
 Explanations need gradients, so they never run on the batcher's inference thread (whose runtime
 may be OpenVINO): each runs on a torch copy of the network on the CPU (``Tagger.explainer``),
 on this module's own small pool of threads (PHOTOTAG_EXPLAIN_CONCURRENCY), behind its own
 admission limit (PHOTOTAG_EXPLAIN_QUEUE more may wait; beyond that, 503 at once, before
-decoding). /v1/tags keeps its queue, its batches and its thread to itself.
+decoding). /v1/tags keeps its queue, its batches and its thread to itself. A people tag's
+faces are found on the same threads, behind the same admission, on the same decoded photo.
 """
 
 from __future__ import annotations
@@ -27,11 +30,20 @@ from app.auth import ApiKey
 from app.batcher import ShuttingDown
 from app.deps import ERRORS, PHOTO, DecoderDep, ServedDep, SettingsDep, lifespan_state
 from app.errors import ApiError, ExplainOverloaded, InferenceTimeout, UnknownTag
-from app.schemas import ExplainResponse, Region, Tag
+from app.schemas import (
+    ExplainResponse,
+    FaceBox,
+    ModelRef,
+    PeopleExplainResponse,
+    Region,
+    Tag,
+)
 from app.uploads import read_uploads
 from model import explain
 from model.explain import Heatmap
-from model.tagger import Tagger
+from model.imageio import full_size
+from model.people import Face, people_tags
+from model.tagger import Tagger, View
 from model.tagger import UnknownTag as UnknownModelTag
 
 log = logging.getLogger("phototag.explain")
@@ -41,6 +53,11 @@ T = TypeVar("T")
 # The PNG overlay is the photo as decoded, scaled down to this many pixels on its longer side
 # (a phone photo's full size would be a 20 MB PNG, and take a second to encode).
 OVERLAY_MAX_SIDE = 1024
+
+# The people tags (model.people.people_tags) under the top of their path (Tagger.prepare): they
+# come from the face detector, not the network.
+PEOPLE = "people"
+PEOPLE_TAGS = ("person", "portrait", "group")
 
 
 class ExplainPool:
@@ -127,7 +144,8 @@ _EXPLAINERRORS = {
     422: {
         **ERRORS[422],
         "description": ERRORS[422]["description"] + " A `tag` the model does not have "
-        "(unknown_tag; GET /v1/model lists its tags and classes).",
+        "(unknown_tag; GET /v1/model lists its tags and classes). A people tag on a server "
+        "whose face detector is off (people_off: PHOTOTAG_PEOPLE=on turns it on).",
     },
     503: {
         **ERRORS[503],
@@ -137,13 +155,19 @@ _EXPLAINERRORS = {
 }
 _PNG = {
     200: {
-        "description": "The heatmap: JSON (a grid over the region the network saw), or with "
-        "`Accept: image/png` the photo with the heatmap drawn over it (X-Tag names the tag, "
-        "percent-encoded UTF-8, and X-Tag-Probability its probability).",
+        "description": "The heatmap: JSON (ExplainResponse: a grid over the region the network "
+        "saw), or with `Accept: image/png` the photo with the heatmap drawn over it (X-Tag names "
+        "the tag, percent-encoded UTF-8, and X-Tag-Probability its probability). For a people "
+        "tag, the faces the detector found: JSON (PeopleExplainResponse: method `faces`, their "
+        "boxes in the photo's pixels), or the photo with their boxes drawn (X-Faces: how many).",
         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         "headers": {
             "X-Tag": {"schema": {"type": "string"}, "description": "The tag explained."},
             "X-Tag-Probability": {"schema": {"type": "string"}},
+            "X-Faces": {
+                "schema": {"type": "string"},
+                "description": "A people tag's PNG only: the number of faces drawn.",
+            },
         },
     }
 }
@@ -151,7 +175,7 @@ _PNG = {
 
 @explain_api.post(
     "/v1/explain",
-    response_model=ExplainResponse,
+    response_model=ExplainResponse | PeopleExplainResponse,
     response_model_exclude_unset=True,
     responses={**_PNG, **_EXPLAINERRORS},
     openapi_extra=_ONEPHOTO,
@@ -159,6 +183,10 @@ _PNG = {
     description="A heatmap of one tag on one photo (HiResCAM, of the Grad-CAM family, on the "
     "network's last feature map): JSON by default, the photo with the heatmap over it as a PNG "
     "with `Accept: image/png`. Without `tag`, the photo's top tag.\n\n"
+    "A people tag (`person`, `portrait`, `group`, or as its path: `people/person`) comes from "
+    "the face detector, not the network: its answer is the faces the detector found on the "
+    "photo, every one of them (JSON boxes, or the photo with the boxes drawn); none found is a "
+    "200 with no faces.\n\n"
     "`curl -F file=@cat.jpg 'localhost:8000/v1/explain?tag=cat'` or "
     "`curl -H 'Accept: image/png' -F file=@cat.jpg localhost:8000/v1/explain -o why.png`",
 )
@@ -174,8 +202,9 @@ async def explain_photo(
             min_length=1,
             max_length=500,
             description="The tag to explain: a label of the model's vocabulary (or, with "
-            "`vocabulary=classes`, one of its classes); GET /v1/model lists both. Default: the "
-            "photo's top tag.",
+            "`vocabulary=classes`, one of its classes); GET /v1/model lists both. Or a people "
+            "tag: `people/person`, `people/portrait`, `people/group` (or the bare label, where "
+            "the model has no tag of that name). Default: the photo's top tag.",
             examples=["cat"],
         ),
     ] = None,
@@ -184,14 +213,25 @@ async def explain_photo(
         Query(description="`tags` (default): `tag` is a vocabulary tag; `classes`: a class."),
     ] = "tags",
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> Response | ExplainResponse:
+) -> Response | ExplainResponse | PeopleExplainResponse:
     tagger = served.tagger
-    if tag is not None:
+    people = people_tag(tag, tagger, vocabulary)  # refused before the body is read
+    if people is not None and tagger.people is None:
+        raise ApiError(
+            422,
+            "people_off",
+            f"{PEOPLE}/{people} is a people tag, from the face detector, and this server has "
+            "it off (PHOTOTAG_PEOPLE=off): no photo gets people tags; start the server with "
+            "PHOTOTAG_PEOPLE=on to get them and see their faces",
+        )
+    if tag is not None and people is None:
         try:
-            tagger.target(tag, vocabulary)  # refused before the body is read
+            tagger.target(tag, vocabulary)
         except UnknownModelTag as error:
             where = f"GET /v1/model?model={served.model_id} lists them: vocabulary[].label, or "
             where += "classes[] with ?vocabulary=classes"
+            if tagger.people is not None and vocabulary == "tags":
+                where += "; people tags: " + ", ".join(f"{PEOPLE}/{t}" for t in PEOPLE_TAGS)
             raise UnknownTag(f"{error}; {where}") from None
     uploads = await read_uploads(request, settings)
     if len(uploads) > 1:
@@ -202,6 +242,9 @@ async def explain_photo(
     png = wants_png(accept)
     with pool.admit():
         image = await decoder.image(upload.data, tagger)
+        if people is not None:
+            found = await pool.run(_faces, tagger, image, people, png)
+            return _faces_answer(served.ref(), upload.filename, image, found)
         done = await pool.run(_explain, tagger, image, tag, vocabulary, png)
     label = done.heatmap.tag
     if png:
@@ -216,6 +259,77 @@ async def explain_photo(
         method=explain.METHOD,
         grid=[[round(float(v), 4) for v in row] for row in done.heatmap.grid],
         region=Region(left=left, top=top, right=right, bottom=bottom),
+    )
+
+
+def people_tag(tag: str | None, tagger: Tagger, view: View) -> str | None:
+    """The label of the people tag ``tag`` asks for, by its path (``people/person``) or by its
+    label alone (``person``) where the model has no tag of that name (the model's own tags come
+    first); None for any other tag."""
+    if tag is None or view == "classes":  # the raw classes have no people tags, as in /v1/tags
+        return None
+    parent, _, label = tag.rpartition("/")
+    if label not in PEOPLE_TAGS or parent not in ("", PEOPLE):
+        return None
+    if not parent:
+        try:
+            tagger.target(label, view)
+            return None
+        except UnknownModelTag:
+            pass
+    return label
+
+
+@dataclass
+class _Found:
+    """A people tag's explanation: the faces on the photo, in its decoded pixels."""
+
+    label: str
+    probability: float  # the tag's, from the faces: what /v1/tags gives; 0 when it has not
+    faces: list[Face]
+    png: bytes | None
+
+
+def _faces(tagger: Tagger, image: Image.Image, label: str, png: bool) -> _Found:
+    """On an explanation thread: the faces, the people tag's probability, and the photo with every
+    face's box drawn when it is wanted."""
+    assert tagger.people is not None
+    faces = tagger.people.detect(image)
+    tags = {t.label: t.probability for t in people_tags(faces, image.size)}
+    drawn = explain.faces_png(image, [f.box for f in faces], OVERLAY_MAX_SIDE) if png else None
+    return _Found(label, tags.get(label, 0.0), faces, drawn)
+
+
+def _faces_answer(
+    model: ModelRef, filename: str | None, image: Image.Image, found: _Found
+) -> Response | PeopleExplainResponse:
+    probability = min(max(found.probability, 0.0), 1.0)
+    if found.png is not None:
+        headers = {
+            "X-Tag": quote(found.label),
+            "X-Tag-Probability": f"{probability:.4f}",
+            "X-Faces": str(len(found.faces)),
+        }
+        return Response(found.png, media_type="image/png", headers=headers)
+    size = full_size(image)  # the photo as sent: the decoded one may be a JPEG draft
+    boxes = explain.scale_boxes([f.box for f in found.faces], image.size, size)
+    return PeopleExplainResponse(
+        model=model,
+        filename=filename,
+        tag=Tag(label=found.label, probability=probability, path=[PEOPLE, found.label]),
+        method="faces",
+        width=size[0],
+        height=size[1],
+        faces=[
+            FaceBox(
+                left=round(max(x0, 0.0), 1),
+                top=round(max(y0, 0.0), 1),
+                right=round(max(x1, 0.0), 1),
+                bottom=round(max(y1, 0.0), 1),
+                score=round(min(max(face.score, 0.0), 1.0), 4),
+            )
+            for face, (x0, y0, x1, y1) in zip(found.faces, boxes, strict=True)
+        ],
     )
 
 

@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After", "X-Tag", "X-Tag-Probability"],
+            expose_headers=["X-Request-ID", "Retry-After", "X-Tag", "X-Tag-Probability", "X-Faces"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)

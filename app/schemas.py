@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -207,3 +207,54 @@ class ExplainResponse(BaseModel):
         "strongest, 0 where there is none.",
     )
     region: Region = Field(description="Where the grid lies on the photo.")
+
+
+class FaceBox(BaseModel):
+    """One face the detector found: its box in the photo's pixels (x to the right, y down, from
+    the top left corner of the photo as sent, upright) and the detector's confidence."""
+
+    left: float = Field(ge=0, examples=[170.4])
+    top: float = Field(ge=0, examples=[52.1])
+    right: float = Field(ge=0, examples=[281.9])
+    bottom: float = Field(ge=0, examples=[188.0])
+    score: float = Field(ge=0, le=1, examples=[0.998], description="The detector's confidence.")
+
+
+class PeopleExplainResponse(BaseModel):
+    """Why a people tag: it comes from the face detector, not from the network, so there is no
+    heatmap; the faces are the answer."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": EXAMPLE_MODEL,
+                    "filename": "skier.jpg",
+                    "tag": {"label": "person", "probability": 1.0, "path": ["people", "person"]},
+                    "method": "faces",
+                    "width": 512,
+                    "height": 512,
+                    "faces": [
+                        {"left": 170.4, "top": 52.1, "right": 281.9, "bottom": 188.0, "score": 1.0}
+                    ],
+                }
+            ]
+        }
+    )
+    model: ModelRef
+    filename: str | None = Field(description="The upload's file name, when it had one.")
+    tag: Tag = Field(
+        description='The people tag explained (path ["people", label]) with its probability '
+        "for this photo, as /v1/tags gives it; 0 when the photo does not have the tag."
+    )
+    method: Literal["faces"] = Field(
+        description="faces: the tag comes from the face detector (PHOTOTAG_PEOPLE), not the "
+        "network; `faces` are what it found."
+    )
+    width: int = Field(ge=1, description="The photo's width in pixels: the boxes' frame.")
+    height: int = Field(ge=1, description="The photo's height in pixels.")
+    faces: list[FaceBox] = Field(
+        description="Every face the detector found, best first, whichever people tag was "
+        "asked (person, portrait and group are all read from these faces). Empty when it found "
+        "none: then the photo has no people tag."
+    )

@@ -1,8 +1,9 @@
 // The upload page: pick or drop photos, each is sent to POST /v1/tags on its own (the server
 // batches concurrent photos anyway) and shown with its tags as probability bars. Clicking a tag
-// asks POST /v1/explain (Accept: image/png) why, and shows the heatmap over the photo; clicking
-// it again shows the photo. A tag can be marked wrong (POST /v1/feedback), and a custom tag
-// taught from photos (POST /v1/custom-tags/NAME/examples), with its estimated precision and recall.
+// asks POST /v1/explain (Accept: image/png) why, and shows the heatmap over the photo (for a
+// people tag, the faces the detector found, boxed); clicking it again shows the photo. A tag can
+// be marked wrong (POST /v1/feedback), and a custom tag taught from photos
+// (POST /v1/custom-tags/NAME/examples), with its estimated precision and recall.
 "use strict";
 
 const KEY_STORAGE = "phototag.apiKey";
@@ -43,12 +44,30 @@ async function loadModels() {
   }
   const listing = await response.json();
   const previous = modelSelect.value;
+  const sizes = await Promise.all(listing.models.map(modelSize));
   modelSelect.replaceChildren(
-    ...listing.models.map((m) => new Option(`${m.id} (${m.name}, ${m.num_classes} tags)`, m.id)),
+    ...listing.models.map((m, i) => new Option(`${m.id} (${m.name}, ${sizes[i]})`, m.id)),
   );
   modelSelect.value = listing.models.some((m) => m.id === previous) ? previous : listing.default;
   say("");
   loadCustomTags();
+}
+
+// What a model tags with: its vocabulary's tags over its classes ("522 tags (1000 classes)"), or,
+// without a vocabulary, its classes, which are then its tags.
+async function modelSize(model) {
+  const classes = `${model.num_classes} classes`;
+  const response = await fetch(`/v1/model?model=${encodeURIComponent(model.id)}`, { headers: authHeaders() });
+  if (!response.ok) return classes;
+  const info = await response.json();
+  return info.vocabulary ? `${info.vocabulary.length} tags (${classes})` : `${model.num_classes} tags`;
+}
+
+// The `tag` /v1/explain takes: a vocabulary tag's or class's label, and the path of a tag from
+// elsewhere (people/person from the face detector, custom/NAME), which a label could shadow.
+function explainParam(tag) {
+  const path = tag.path || [tag.label];
+  return ["people", "custom"].includes(path[0]) ? path.join("/") : tag.label;
 }
 
 function addCard(file) {
@@ -65,7 +84,8 @@ function addCard(file) {
   return card;
 }
 
-async function explainTag(card, item, file, model, label) {
+async function explainTag(card, item, file, model, tag) {
+  const label = tag.label;
   const img = card.querySelector(".thumb img");
   const why = card.querySelector(".why");
   const active = item.classList.contains("explained");
@@ -77,13 +97,14 @@ async function explainTag(card, item, file, model, label) {
   if (img) { img.src = img.dataset.photo; delete img.dataset.heatmap; img.classList.remove("heatmap"); }
   card.classList.remove("explaining");
   why.textContent = "";
+  why.classList.remove("error");
   if (active) return;  // a second click on the same tag: back to the photo
   item.classList.add("explained");
   item.setAttribute("aria-pressed", "true");
   why.textContent = `finding where “${label}” is…`;
   const form = new FormData();
   form.append("file", file, file.name);
-  const params = new URLSearchParams({ tag: label, model: model.id });
+  const params = new URLSearchParams({ tag: explainParam(tag), model: model.id });
   try {
     const response = await fetch(`/v1/explain?${params}`, {
       method: "POST", body: form, headers: { ...authHeaders(), Accept: "image/png" },
@@ -91,8 +112,10 @@ async function explainTag(card, item, file, model, label) {
     if (!item.classList.contains("explained")) return;  // another click came first
     if (!response.ok) {
       why.textContent = await errorText(response);
+      why.classList.add("error");
       return;
     }
+    const faces = response.headers.get("X-Faces");  // a people tag: faces, not a heatmap
     const url = URL.createObjectURL(await response.blob());
     if (img) {
       img.src = url;
@@ -101,9 +124,12 @@ async function explainTag(card, item, file, model, label) {
       img.classList.add("heatmap");
       card.classList.add("explaining");
     }
-    why.textContent = `where the network saw “${label}”`;
+    if (faces === null) why.textContent = `where the network saw “${label}”`;
+    else if (faces === "0") why.textContent = `no face found: “${label}” comes from the faces the detector finds`;
+    else why.textContent = `the ${faces === "1" ? "face" : `${faces} faces`} the detector found: “${label}” comes from faces, not the network`;
   } catch (error) {
     why.textContent = `network error: ${error.message}`;
+    why.classList.add("error");
   }
 }
 
@@ -207,7 +233,7 @@ function showTags(card, result, model, file) {
       item.setAttribute("role", "button");
       item.setAttribute("aria-pressed", "false");
       item.title = `Why “${tag.label}”? Click to see where in the photo`;
-      item.addEventListener("click", () => explainTag(card, item, file, model, tag.label));
+      item.addEventListener("click", () => explainTag(card, item, file, model, tag));
       item.addEventListener("keydown", (event) => {
         if (event.key === "Enter" || event.key === " ") { event.preventDefault(); item.click(); }
       });

@@ -1,4 +1,5 @@
-"""POST /v1/explain: the heatmap of a tag as JSON or a PNG overlay, its errors, its own limits."""
+"""POST /v1/explain: the heatmap of a tag as JSON or a PNG overlay, its errors, its own limits;
+a people tag's faces as JSON boxes or the photo with the boxes drawn."""
 
 from __future__ import annotations
 
@@ -262,3 +263,153 @@ def test_openvino_serves_tags_and_a_torch_copy_explains(client_for, vocabulary_c
     assert type(tagger.explainer().net).__name__ == "TaggerNet"  # torch, on the CPU
     assert {p.device.type for p in tagger.explainer().net.parameters()} == {"cpu"}
     assert set(TINY_CLASSES) <= set(tagger.classes)
+
+
+# ---- people tags: the faces, not a heatmap
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> bytes:
+    """scikit-image's astronaut as a JPEG: 512 x 512, one face (tests/model/test_people.py)."""
+    skimage_data = pytest.importorskip("skimage.data", reason="needs scikit-image ([dev])")
+    buffer = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()).save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+# where her face is in the 512 x 512 photo (looked at): forehead to chin
+ASTRONAUT_FACE = (170, 50, 280, 185)
+
+
+def people_probabilities(client, photo: bytes) -> dict[str, float]:
+    r = client.post("/v1/tags?top_k=20", files={"file": ("p.jpg", photo)})
+    tags = r.json()["results"][0]["tags"]
+    return {t["label"]: t["probability"] for t in tags if t["path"][0] == "people"}
+
+
+def test_a_people_tag_answers_with_the_faces_boxes_in_the_photos_pixels(client, astronaut):
+    r = explain(client, "?tag=person", photo=astronaut)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["id"] == "tiny" and body["filename"] == "p.jpg"
+    assert body["method"] == "faces" and "grid" not in body
+    assert (body["width"], body["height"]) == (512, 512)
+    [face] = body["faces"]
+    left, top, right, bottom = ASTRONAUT_FACE
+    assert left < (face["left"] + face["right"]) / 2 < right
+    assert top < (face["top"] + face["bottom"]) / 2 < bottom
+    assert 60 < face["right"] - face["left"] < 140 and face["score"] > 0.95
+    served = people_probabilities(client, astronaut)  # what /v1/tags says of the same photo
+    assert set(served) == {"person", "portrait"}
+    assert body["tag"] == {
+        "label": "person",
+        "probability": pytest.approx(served["person"]),
+        "path": ["people", "person"],
+    }
+    assert explain(client, "?tag=people/person", photo=astronaut).json() == body  # its path
+    portrait = explain(client, "?tag=people/portrait", photo=astronaut).json()
+    assert portrait["tag"]["probability"] == pytest.approx(served["portrait"])
+    assert portrait["faces"] == body["faces"]
+    group = explain(client, "?tag=group", photo=astronaut).json()  # not hers: 0, same face
+    assert group["tag"]["probability"] == 0.0 and group["faces"] == body["faces"]
+
+
+def test_a_people_tag_as_png_is_the_photo_with_the_face_boxed(client, astronaut):
+    box = explain(client, "?tag=person", photo=astronaut).json()["faces"][0]
+    r = explain(client, "?tag=person", accept="image/png", photo=astronaut)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    assert (unquote(r.headers["X-Tag"]), r.headers["X-Faces"]) == ("person", "1")
+    assert float(r.headers["X-Tag-Probability"]) > 0.95
+    drawn = Image.open(io.BytesIO(r.content))
+    assert (drawn.format, drawn.size) == ("PNG", (512, 512))
+    middle = round((box["top"] + box["bottom"]) / 2)
+    amber, black = (255, 214, 0), (0, 0, 0)
+    # the box's left side: a light line just inside it, a dark rim just outside
+    assert drawn.getpixel((round(box["left"]) + 1, middle)) == amber
+    assert drawn.getpixel((round(box["left"]) - 1, middle)) == black
+    assert drawn.getpixel((round(box["right"]) - 2, middle)) == amber
+
+
+def test_a_photo_without_a_face_gets_no_faces_and_the_photo_as_it_is(client):
+    body = explain(client, "?tag=person").json()
+    assert body["method"] == "faces" and body["faces"] == []
+    assert body["tag"]["probability"] == 0.0 and (body["width"], body["height"]) == (120, 80)
+    big = photo_bytes((1600, 400), fmt="PNG")  # and the overlay's size rule: at most 1024 px
+    r = explain(client, "?tag=person", accept="image/png", photo=big)
+    assert r.headers["X-Faces"] == "0" and r.headers["X-Tag-Probability"] == "0.0000"
+    drawn = Image.open(io.BytesIO(r.content))
+    original = Image.open(io.BytesIO(big)).convert("RGB").resize((1024, 256), Image.BILINEAR)
+    assert drawn.size == (1024, 256) and drawn.tobytes() == original.tobytes()
+
+
+def test_people_tags_with_people_off_are_refused_saying_how_to_turn_them_on(client_for, tmp_path):
+    client = client_for(write_tiny_checkpoint(tmp_path / "t.safetensors"), people="off")
+    for tag in ("person", "people/group"):
+        # refused before the body is read: an empty one would be 400 empty_body
+        r = client.post(
+            f"/v1/explain?tag={tag}", content=b"", headers={"Content-Type": "image/jpeg"}
+        )
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "people_off"
+        assert "PHOTOTAG_PEOPLE=off" in error["message"]
+        assert "PHOTOTAG_PEOPLE=on" in error["message"]
+    assert explain(client, "?tag=red").status_code == 200  # the network's tags still are
+
+
+def test_the_models_own_tag_of_a_people_name_wins_and_its_path_reaches_the_faces(
+    client_for, tmp_path, astronaut
+):
+    vocabulary = {
+        "name": "with-person",
+        "tags": [
+            {"label": "person", "path": ["person"], "threshold": 0.5, "classes": ["red"]},
+            {"label": "cool", "path": ["cool"], "threshold": 0.5, "classes": ["green", "blue"]},
+        ],
+        "hidden": [],
+    }
+    client = client_for(write_tiny_checkpoint(tmp_path / "v.safetensors", vocabulary=vocabulary))
+    assert explain(client, "?tag=person", photo=astronaut).json()["method"] == "hirescam"
+    assert explain(client, "?tag=people/person", photo=astronaut).json()["method"] == "faces"
+
+
+def test_people_tags_are_no_raw_classes_and_unknown_tags_name_them(client):
+    r = explain(client, "?tag=person&vocabulary=classes")  # /v1/tags gives classes no people
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_tag"
+    r = explain(client, "?tag=people/crowd")
+    assert r.status_code == 422
+    assert "people/person, people/portrait, people/group" in r.json()["error"]["message"]
+
+
+def test_faces_are_found_on_an_explanation_thread_never_the_batchers(
+    client, monkeypatch, astronaut
+):
+    _, tagger = client.app.state.registry.get()
+    threads: list[str] = []
+    detect = tagger.people.detect
+
+    def noted(image):
+        threads.append(threading.current_thread().name)
+        return detect(image)
+
+    monkeypatch.setattr(tagger.people, "detect", noted)
+    before = inference_passes(client)
+    assert explain(client, "?tag=person", photo=astronaut).status_code == 200
+    assert inference_passes(client) == before
+    assert len(threads) == 1 and threads[0].startswith("phototag-explain"), threads
+
+
+def test_the_contract_documents_the_faces_answer(client):
+    spec = client.get("/openapi.json").json()
+    answer = spec["paths"]["/v1/explain"]["post"]["responses"]["200"]
+    schemas = {
+        s["$ref"].rsplit("/", 1)[-1]
+        for s in answer["content"]["application/json"]["schema"]["anyOf"]
+    }
+    assert schemas == {"ExplainResponse", "PeopleExplainResponse"}
+    assert "X-Faces" in answer["headers"]
+    people = spec["components"]["schemas"]["PeopleExplainResponse"]
+    assert {"tag", "method", "width", "height", "faces"} <= set(people["required"])
+    face = spec["components"]["schemas"]["FaceBox"]["properties"]
+    assert set(face) == {"left", "top", "right", "bottom", "score"}
