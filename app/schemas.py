@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # The default checkpoint as the examples show it (python -m model.pretrained builds this version).
-EXAMPLE_MODEL = {"id": "default", "name": "imagenet-efficientnet-lite0", "version": "14b479ab4b9f"}
+EXAMPLE_MODEL = {"id": "default", "name": "imagenet-efficientnet-lite0", "version": "5e43eea0b438"}
 
 
 class ErrorDetail(BaseModel):

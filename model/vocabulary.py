@@ -257,15 +257,23 @@ def summarise(verdicts: Sequence[Sequence[bool]]) -> dict[str, Any]:
 
 
 def fit_threshold(
-    probabilities: torch.Tensor, right: torch.Tensor, precision: float, minimum: int
+    probabilities: torch.Tensor,
+    right: torch.Tensor,
+    precision: float,
+    minimum: int,
+    weights: torch.Tensor | None = None,
 ) -> float | None:
     """The lowest threshold at which a tag returned whenever its probability reaches it is
     right at least ``precision`` of the time, over at least ``minimum`` returned examples;
-    None when the examples cannot show it. ``probabilities`` (N,), ``right`` (N,) bool."""
+    None when the examples cannot show it. ``probabilities`` (N,), ``right`` (N,) bool;
+    ``weights`` (N,): how much each photo counts towards the precision (default: equally)."""
     order = probabilities.argsort(descending=True)
-    hits = right[order].double().cumsum(0)
+    weights = torch.ones(len(order)) if weights is None else weights
+    weights = weights.double()[order]
+    hits = (right[order].double() * weights).cumsum(0)
     counts = torch.arange(1, len(order) + 1, dtype=torch.float64)
-    good = (hits / counts >= precision) & (counts >= minimum)
+    # hits >= precision * returned, with room for rounding: 9 of 10 equal weights meet 0.9
+    good = (hits >= precision * weights.cumsum(0) - 1e-9) & (counts >= minimum)
     # the lowest threshold whose whole returned set (everything at or above it) is precise
     # enough: the deepest prefix of the sorted probabilities that still meets the target
     if not bool(good.any()):
@@ -282,8 +290,10 @@ def fit_thresholds(
     precision: float = 0.95,
     minimum: int = 10,
     floor: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Thresholds from labelled photos, to a precision target (see :func:`fit_threshold`).
+    """Thresholds from labelled photos, to a precision target (see :func:`fit_threshold`;
+    ``weights`` (N,): how much each photo counts).
 
     A tag with at least ``minimum`` right examples gets its own; every other tag the one fitted
     on all tags of its depth together (categories, then the tags below them), so a tag the
@@ -299,15 +309,20 @@ def fit_thresholds(
     own: dict[str, float] = {}
     for t, tag in enumerate(vocabulary.tags):
         if int(right[:, t].sum()) >= minimum:
-            fitted = fit_threshold(rolled[:, t], right[:, t], precision, minimum)
+            fitted = fit_threshold(rolled[:, t], right[:, t], precision, minimum, weights)
             if fitted is not None:
                 own[tag.label] = round(max(fitted, floor), 4)
     depth: dict[str, float] = {}
     depths = torch.tensor([min(len(tag.path), 2) for tag in vocabulary.tags])
     for level in (1, 2):
         columns = depths == level
+        per_tag = None if weights is None else weights.repeat_interleave(int(columns.sum()))
         fitted = fit_threshold(
-            rolled[:, columns].reshape(-1), right[:, columns].reshape(-1), precision, minimum
+            rolled[:, columns].reshape(-1),
+            right[:, columns].reshape(-1),
+            precision,
+            minimum,
+            per_tag,
         )
         if fitted is not None:
             depth[str(level)] = round(max(fitted, floor), 4)
