@@ -42,7 +42,7 @@ from app.uploads import read_uploads
 from model import explain
 from model.explain import Heatmap
 from model.imageio import full_size
-from model.people import Face, people_tags
+from model.people import PEOPLE, PEOPLE_TAGS, Face, people_tags
 from model.tagger import Tagger, View
 from model.tagger import UnknownTag as UnknownModelTag
 
@@ -53,11 +53,6 @@ T = TypeVar("T")
 # The PNG overlay is the photo as decoded, scaled down to this many pixels on its longer side
 # (a phone photo's full size would be a 20 MB PNG, and take a second to encode).
 OVERLAY_MAX_SIDE = 1024
-
-# The people tags (model.people.people_tags) under the top of their path (Tagger.prepare): they
-# come from the face detector, not the network.
-PEOPLE = "people"
-PEOPLE_TAGS = ("person", "portrait", "group")
 
 
 class ExplainPool:
@@ -144,7 +139,8 @@ _EXPLAINERRORS = {
     422: {
         **ERRORS[422],
         "description": ERRORS[422]["description"] + " A `tag` the model does not have "
-        "(unknown_tag; GET /v1/model lists its tags and classes). A people tag on a server "
+        "(unknown_tag; GET /v1/model lists its tags and classes, GET /v1/custom-tags its custom "
+        "tags). A people tag on a server "
         "whose face detector is off (people_off: PHOTOTAG_PEOPLE=on turns it on).",
     },
     503: {
@@ -182,7 +178,8 @@ _PNG = {
     summary="Why this tag: where in the photo a tag's evidence is",
     description="A heatmap of one tag on one photo (HiResCAM, of the Grad-CAM family, on the "
     "network's last feature map): JSON by default, the photo with the heatmap over it as a PNG "
-    "with `Accept: image/png`. Without `tag`, the photo's top tag.\n\n"
+    "with `Accept: image/png`. Without `tag`, the photo's top tag. A custom tag "
+    "(`custom/NAME`) is explained the same way, through its head's score.\n\n"
     "A people tag (`person`, `portrait`, `group`, or as its path: `people/person`) comes from "
     "the face detector, not the network: its answer is the faces the detector found on the "
     "photo, every one of them (JSON boxes, or the photo with the boxes drawn); none found is a "
@@ -202,9 +199,11 @@ async def explain_photo(
             min_length=1,
             max_length=500,
             description="The tag to explain: a label of the model's vocabulary (or, with "
-            "`vocabulary=classes`, one of its classes); GET /v1/model lists both. Or a people "
-            "tag: `people/person`, `people/portrait`, `people/group` (or the bare label, where "
-            "the model has no tag of that name). Default: the photo's top tag.",
+            "`vocabulary=classes`, one of its classes); GET /v1/model lists both. Or a custom "
+            "tag: `custom/NAME` (GET /v1/custom-tags lists them). Or a people tag: "
+            "`people/person`, `people/portrait`, `people/group`. A custom or people tag may be "
+            "named by its bare label where the model has no tag of that name. Default: the "
+            "photo's top tag.",
             examples=["cat"],
         ),
     ] = None,
@@ -230,6 +229,8 @@ async def explain_photo(
         except UnknownModelTag as error:
             where = f"GET /v1/model?model={served.model_id} lists them: vocabulary[].label, or "
             where += "classes[] with ?vocabulary=classes"
+            if vocabulary == "tags":
+                where += f"; custom tags (custom/NAME): GET /v1/custom-tags?model={served.model_id}"
             if tagger.people is not None and vocabulary == "tags":
                 where += "; people tags: " + ", ".join(f"{PEOPLE}/{t}" for t in PEOPLE_TAGS)
             raise UnknownTag(f"{error}; {where}") from None

@@ -16,8 +16,8 @@ the global pooling (or flatten) reads (:func:`feature_layer`).
 A tag's score (:class:`Target`) is a function of the temperature-scaled logits and the pooled
 features: a vocabulary tag of a single-label model differentiates the log of its rolled-up
 probability (the sum of its gathered classes' softmax), one of a multi-label model the logit of
-its likeliest class, a raw class its logit, and a custom tag's head (a linear layer on the pooled
-features) can plug in its own.
+its likeliest class, a raw class its logit, and a custom tag the logit of its logistic head over
+the model's :class:`model.custom_tags.Space` (:func:`custom_target`).
 
 Explanations need gradients, which the served runtime may not have (OpenVINO): they run on a
 torch copy of the network on the CPU (:class:`Explainer`, built once per tagger when first
@@ -44,6 +44,7 @@ from torch import nn
 
 from model.architectures import TaggerNet
 from model.checkpoint import atomic_write_bytes
+from model.custom_tags import CustomHeads, Examples
 from model.imageio import full_size
 from model.preprocess import Preprocess, crop_box, normalize
 from model.runtime import fold_batchnorm
@@ -102,6 +103,35 @@ def vocabulary_target(vocabulary: Vocabulary, tag: int, task: str) -> Target:
         return torch.softmax(logits, dim=1)[:, members].sum(dim=1).clamp(0, 1)
 
     return Target(label, log_probability, probability, path)
+
+
+# A custom tag's score reads each class probability's root as sqrt(p + ROOT_EPS): sqrt's slope
+# is infinite at 0, and a class whose softmax underflows to exactly 0 (any confident photo) would
+# make the gradient inf * 0 = NaN. The shift moves each root by at most 1e-6, the score only.
+ROOT_EPS = 1e-12
+
+
+def class_probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """(B, C) temperature-scaled logits -> the class probabilities, as the tagger computes them."""
+    return torch.sigmoid(logits) if task == "multi_label" else torch.softmax(logits, dim=1)
+
+
+def custom_target(heads: CustomHeads, index: int, task: str) -> Target:
+    """The custom tag ``heads.names[index]``, through the served ``heads`` (kept whole: a tag
+    taught while it explains cannot mismatch them). Its probability is the served path itself
+    (:meth:`model.custom_tags.CustomHeads.probabilities` on the class probabilities and the
+    pooled features); its score is the head's logit (the probability is its sigmoid), with the
+    roots taken at ``p + ROOT_EPS``, so that its gradient is finite everywhere."""
+    weight, bias = heads.weight[:, index], heads.bias[index]  # (D,), ()
+
+    def logit(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        probabilities = class_probabilities(logits, task) + ROOT_EPS  # (B, C)
+        return heads.space.inputs(Examples(probabilities, features)) @ weight + bias
+
+    def probability(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return heads.probabilities(class_probabilities(logits, task), features)[:, index]
+
+    return Target(heads.names[index], logit, probability)
 
 
 @dataclass(frozen=True)
@@ -207,8 +237,7 @@ class Pass:
 
     def probabilities(self, task: str) -> torch.Tensor:
         """(num_classes,) as the tagger computes them."""
-        logits = self.logits.detach()[0]
-        return torch.sigmoid(logits) if task == "multi_label" else torch.softmax(logits, dim=0)
+        return class_probabilities(self.logits.detach(), task)[0]
 
 
 def explain(explainer: Explainer | TaggerNet, pixels: torch.Tensor, target: Target,

@@ -30,8 +30,16 @@ from model import imageio
 from model.checkpoint import Checkpoint, ModelCard, probabilities_version
 from model.checkpoint import load as load_checkpoint
 from model.custom_tags import CustomHeads, Space, Suppressions
-from model.explain import Explainer, Heatmap, Target, class_target, vocabulary_target, write_overlay
-from model.people import FaceDetector, people_tags
+from model.explain import (
+    Explainer,
+    Heatmap,
+    Target,
+    class_target,
+    custom_target,
+    vocabulary_target,
+    write_overlay,
+)
+from model.people import PEOPLE, FaceDetector, people_tags
 from model.preprocess import normalize, resize_and_crop
 from model.runtime import Runtime, RuntimeChoice, create_runtime
 from model.tta import TTA
@@ -225,7 +233,7 @@ class Tagger:
         if self.people is not None:
             faces = self.people.detect(image)
             people = tuple(
-                Tag(t.label, t.probability, ("people", t.label))
+                Tag(t.label, t.probability, (PEOPLE, t.label))
                 for t in people_tags(faces, image.size)
             )
         return Prepared(self.crop(image), people)
@@ -349,7 +357,25 @@ class Tagger:
     def target(self, label: str, view: View = "tags") -> Target:
         """What explaining ``label`` differentiates: a vocabulary tag (``view="tags"``) through
         the classes it gathers, a raw class (``view="classes"``, or a checkpoint without a
-        vocabulary) through its logit. Raises :class:`UnknownTag`."""
+        vocabulary) through its logit, a custom tag (``view="tags"``: ``custom/NAME``, or the
+        bare name where the model has no tag of that name: its own tags come first) through its
+        head's logit (:func:`model.explain.custom_target`). Raises :class:`UnknownTag`."""
+        heads = self.custom_heads  # read once: the target keeps the heads it was made from
+        customs = [f"{CUSTOM}/{name}" for name in heads.names] if view == "tags" else []
+
+        def custom(name: str) -> Target:
+            target = custom_target(heads, heads.names.index(name), self.card.task)
+            return replace(target, path=(CUSTOM, name))
+
+        def listed(labels: Sequence[str]) -> str:
+            more = ", ..." if len(labels) > 5 else ""
+            return f"{len(labels)}: {', '.join(labels[:5])}{more}" if labels else "none"
+
+        parent, _, name = label.partition("/")
+        if view == "tags" and parent == CUSTOM:  # a custom tag's path, never a label of the model
+            if name in heads.names:
+                return custom(name)
+            raise UnknownTag(f"the model has no custom tag {name!r} (it has {listed(customs)})")
         if view == "tags" and self.vocabulary is not None:
             labels = [t.label for t in self.vocabulary.tags]
             if label in labels:
@@ -362,8 +388,10 @@ class Tagger:
                 # the classes are the tags: a one-element path, as :meth:`tags` gives them
                 return target if view == "classes" else replace(target, path=(label,))
             kind = "class"
-        examples = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
-        raise UnknownTag(f"the model has no {kind} {label!r} (it has {len(labels)}: {examples})")
+        if view == "tags" and label in heads.names:
+            return custom(label)
+        others = f"; custom tags: {listed(customs)}" if customs else ""
+        raise UnknownTag(f"the model has no {kind} {label!r} (it has {listed(labels)}{others})")
 
     def explain(self, pixels: torch.Tensor, tag: str | None = None, view: View = "tags") -> Heatmap:
         """uint8 (3, crop, crop) -> where the evidence for ``tag`` is (default: the photo's top

@@ -152,6 +152,37 @@ def test_an_unknown_tag_says_where_the_known_ones_are(client_for, vocabulary_che
     assert explain(client, "?tag=").status_code == 422  # an empty tag is not "no tag"
 
 
+def test_a_custom_tag_is_explained_by_its_path_with_the_probability_tags_gives_it(
+    client_for, vocabulary_checkpoint
+):
+    client = client_for(vocabulary_checkpoint)
+    red = [photo_bytes(color=(200, 30, 30), seed=i) for i in range(3)]
+    blue = [photo_bytes(color=(30, 30, 200), seed=i) for i in range(3)]
+    files = [("positive", (f"p{i}.jpg", p)) for i, p in enumerate(red)]
+    files += [("negative", (f"n{i}.jpg", n)) for i, n in enumerate(blue)]
+    assert client.post("/v1/custom-tags/reddish/examples", files=files).status_code == 200
+    r = client.post("/v1/tags?threshold=0&top_k=10", files={"file": ("p.jpg", PHOTO)})
+    served = next(t for t in r.json()["results"][0]["tags"] if t["label"] == "reddish")
+    assert served["path"] == ["custom", "reddish"]
+    r = explain(client, "?tag=custom/reddish")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tag"]["label"] == "reddish" and body["tag"]["path"] == ["custom", "reddish"]
+    assert body["tag"]["probability"] == pytest.approx(served["probability"], abs=1e-5)
+    assert body["method"] == "hirescam" and len(body["grid"]) == 8
+    assert explain(client, "?tag=reddish").json()["tag"] == body["tag"]  # no tag of its own
+    r = explain(client, "?tag=custom/reddish", accept="image/png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert unquote(r.headers["X-Tag"]) == "reddish"
+    assert float(r.headers["X-Tag-Probability"]) == pytest.approx(served["probability"], abs=1e-4)
+    assert Image.open(io.BytesIO(r.content)).size == (120, 80)
+    r = explain(client, "?tag=custom/bluish")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_tag"
+    assert "custom/reddish" in r.json()["error"]["message"]
+    r = explain(client, "?tag=custom/reddish&vocabulary=classes")  # as in /v1/tags: classes only
+    assert r.json()["error"]["code"] == "unknown_tag"
+
+
 def test_an_unknown_model_is_404(client):
     r = explain(client, "?model=nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
@@ -298,7 +329,7 @@ def test_a_people_tag_answers_with_the_faces_boxes_in_the_photos_pixels(client, 
     left, top, right, bottom = ASTRONAUT_FACE
     assert left < (face["left"] + face["right"]) / 2 < right
     assert top < (face["top"] + face["bottom"]) / 2 < bottom
-    assert 60 < face["right"] - face["left"] < 140 and face["score"] > 0.95
+    assert 60 < face["right"] - face["left"] < 140 and face["score"] > 0.8
     served = people_probabilities(client, astronaut)  # what /v1/tags says of the same photo
     assert set(served) == {"person", "portrait"}
     assert body["tag"] == {
@@ -320,7 +351,7 @@ def test_a_people_tag_as_png_is_the_photo_with_the_face_boxed(client, astronaut)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/png"
     assert (unquote(r.headers["X-Tag"]), r.headers["X-Faces"]) == ("person", "1")
-    assert float(r.headers["X-Tag-Probability"]) > 0.95
+    assert float(r.headers["X-Tag-Probability"]) > 0.8
     drawn = Image.open(io.BytesIO(r.content))
     assert (drawn.format, drawn.size) == ("PNG", (512, 512))
     middle = round((box["top"] + box["bottom"]) / 2)

@@ -307,22 +307,7 @@ def coloured_photos(folder: Path) -> tuple[list[str], list[str]]:
     return reds, blues
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "class",
-        "vocabulary",
-        "people",
-        pytest.param(
-            "custom",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="/v1/explain cannot explain a custom tag yet: Tagger.target knows the "
-                "vocabulary and the classes only (unknown_tag)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["class", "vocabulary", "people", "custom"])
 def test_clicking_any_kind_of_tag_shows_a_picture_not_an_error(browser, tmp_path, kind):
     models = tmp_path / "models"
     write_tiny_checkpoint(models / "default.safetensors", seed=0)  # its classes are its tags

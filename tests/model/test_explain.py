@@ -4,26 +4,40 @@ from __future__ import annotations
 
 import io
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from model import architectures
+from model.checkpoint import load as load_checkpoint
+from model.checkpoint import save
+from model.custom_tags import CustomHeads, CustomTagStore, Examples, Space
 from model.explain import (
     Explainer,
     Heatmap,
     Target,
     class_target,
+    custom_target,
     explain,
     feature_layer,
     on_photo,
     overlay_png,
 )
-from model.preprocess import Preprocess, crop_box, resize_and_crop
+from model.preprocess import Preprocess, crop_box, normalize, resize_and_crop
 from model.tagger import UnknownTag
-from tests.helpers import TINY_CLASSES, load_tagger, photo_bytes, write_tiny_checkpoint
+from model.teach import serve_tags, teach
+from tests.helpers import (
+    COLORS,
+    TINY_CLASSES,
+    load_tagger,
+    photo_bytes,
+    write_lite_checkpoint,
+    write_tiny_checkpoint,
+)
 from tests.model.test_vocabulary import TREE
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -202,6 +216,97 @@ def test_an_unknown_tag_is_refused_with_where_to_find_the_known_ones(tmp_path):
     with pytest.raises(UnknownTag, match=r"no class 'warm' \(it has 3: red, green, blue\)$"):
         tagger.target("warm", view="classes")  # a tag, not a class
     assert tagger.target("red", view="classes").label == "red"
+
+
+def teach_reddish(tagger, store_dir, name: str = "reddish") -> None:
+    """Teach ``name`` on ``tagger`` (red photos against blue ones) and serve it, as the server
+    does."""
+    photos = [photo_bytes(color=COLORS[c], seed=i) for c in ("red", "blue") for i in range(3)]
+    scores = tagger.outputs(torch.stack([tagger.pixels(p) for p in photos]))
+    examples = Examples(scores.probabilities, scores.features)
+    store = CustomTagStore(store_dir)
+    space = tagger.space
+    teach(store, "m", tagger.probabilities_version, space, name, examples[:3], examples[3:])
+    serve_tags(store, "m", tagger)
+
+
+def lively_lite_checkpoint(path: Path) -> Path:
+    """:func:`tests.helpers.write_lite_checkpoint`'s random EfficientNet-Lite0 with its
+    BatchNorm statistics measured on a few photos: at its initial ones its pooled features
+    vanish (about 1e-9), and so would a custom tag's heatmap."""
+    checkpoint = load_checkpoint(write_lite_checkpoint(path))
+    net, preprocess = checkpoint.build_model("cpu"), checkpoint.card.preprocess
+    photos = [photo_bytes((80, 70), c, seed=i, noise=80) for c in COLORS.values() for i in range(4)]
+    batch = torch.stack([resize_and_crop(Image.open(io.BytesIO(p)), preprocess) for p in photos])
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # the plain average over the batch
+    with torch.no_grad():
+        net.train().features(normalize(batch, preprocess))
+    return save(path, net.eval(), checkpoint.card)
+
+
+@pytest.mark.parametrize("network", ["seed_cnn", "lite"])  # probabilities; and features too
+def test_a_custom_tag_reports_its_served_probability_and_differentiates_its_heads_logit(
+    network, tmp_path
+):
+    if network == "lite":
+        checkpoint = lively_lite_checkpoint(tmp_path / "m.safetensors")
+    else:
+        checkpoint = write_tiny_checkpoint(tmp_path / "m.safetensors", temperature=1.5)
+    tagger = load_tagger(checkpoint)
+    assert tagger.space.name.endswith("features") == (network == "lite")
+    teach_reddish(tagger, tmp_path / "tags")
+    for seed, colour in enumerate(("red", "blue", "green")):
+        pixels = tagger.pixels(photo_bytes((60, 45), COLORS[colour], seed=seed, noise=80))
+        served = float(tagger.outputs(pixels[None]).custom[0, 0])  # what /v1/tags reports
+        target = tagger.target("custom/reddish")
+        assert (target.label, target.path) == ("reddish", ("custom", "reddish"))
+        forward = tagger.explainer().forward(pixels)
+        probability = value(target.probability(forward.logits, forward.features))
+        assert probability == pytest.approx(served, abs=1e-5)
+        score = value(target.score(forward.logits, forward.features))
+        assert score == pytest.approx(float(torch.logit(torch.tensor(served))), abs=1e-3)
+        heatmap = tagger.explain(pixels, "custom/reddish")
+        assert (heatmap.tag, heatmap.path) == ("reddish", ("custom", "reddish"))
+        assert heatmap.probability == pytest.approx(served, abs=1e-5)
+        assert np.isfinite(heatmap.grid).all() and heatmap.grid.max() == pytest.approx(1.0)
+        assert heatmap.grid.min() < heatmap.grid.max()  # not constant: somewhere, not everywhere
+    bare = tagger.explain(pixels, "reddish")  # no tag of the model's is called that
+    np.testing.assert_array_equal(bare.grid, heatmap.grid)
+
+
+def test_a_custom_tags_score_has_a_finite_gradient_where_a_class_probability_is_zero():
+    """sqrt's slope is infinite at 0: differentiated through sqrt(p), a photo whose softmax
+    underflows to 0 for some class would get a NaN gradient; the score's roots are shifted
+    (``ROOT_EPS``), its probability is the served one."""
+    torch.manual_seed(0)
+    heads = CustomHeads(Space(), ("x",), torch.randn(3, 1), torch.zeros(1), (0.5,))
+    logits = torch.tensor([[0.0, 200.0, -10.0]], requires_grad=True)  # p = (0, 1, 0) in float32
+    features = torch.zeros(1, 0)
+    probabilities = torch.softmax(logits, 1)
+    assert (probabilities == 0).any()
+    (bare,) = torch.autograd.grad((probabilities.sqrt() @ heads.weight).sum(), logits)
+    assert torch.isnan(bare).all()  # sqrt's infinite slope at 0 times softmax's zero slope
+    served = heads.probabilities(probabilities, features)[:, 0]
+    target = custom_target(heads, 0, "single_label")
+    (grad,) = torch.autograd.grad(target.score(logits, features).sum(), logits)
+    assert torch.isfinite(grad).all()
+    assert value(target.probability(logits, features)) == pytest.approx(value(served))
+
+
+def test_the_models_own_tag_comes_before_a_custom_tags_bare_name(tmp_path):
+    tagger = load_tagger(write_tiny_checkpoint(tmp_path / "v.safetensors", vocabulary=TREE))
+    teach_reddish(tagger, tmp_path / "tags", name="warm")
+    assert tagger.target("warm").path == ("colour", "warm")  # the vocabulary's
+    assert tagger.target("custom/warm").path == ("custom", "warm")
+    with pytest.raises(UnknownTag, match=r"no custom tag 'nope' \(it has 1: custom/warm\)$"):
+        tagger.target("custom/nope")
+    with pytest.raises(UnknownTag, match=r"no vocabulary tag 'purple' .*; custom tags: 1: custom/"):
+        tagger.target("purple")
+    with pytest.raises(UnknownTag, match=r"no class 'custom/warm' \(it has 3: red, green, blue\)$"):
+        tagger.target("custom/warm", view="classes")  # the raw classes have no custom tags
 
 
 def test_the_grid_is_normalised_to_one_at_its_strongest(tmp_path):
