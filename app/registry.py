@@ -72,8 +72,9 @@ class ModelRegistry:
         self.metrics = metrics
         self.default_id = ""
         self.started = False
-        # one face detector for every served model: its weights are the package's, not a model's
-        self.people = FaceDetector.load() if settings.people == "on" else None
+        # one face detector for every served model (its weights are the package's, not a
+        # model's), on the models' runtime
+        self.people = FaceDetector.load(plan.runtime) if settings.people == "on" else None
         self._taggers: dict[str, Tagger] = {}
         self._tried: dict[str, FileSignature | None] = {}  # file state last loaded or refused
 

@@ -1,7 +1,8 @@
 """phototag's server against the tutorial reference, back to back on this machine.
 
-For each photo set (phone-size and thumbnails) and each server (phototag; the reference in its
-two styles, threaded and async, see bench/reference_server.py): throughput, p50/p99 latency and
+For each photo set (phone-size and thumbnails) and each server (phototag with its defaults, people
+tags on; phototag with PHOTOTAG_PEOPLE=off; the reference in its two styles, threaded and async,
+see bench/reference_server.py): throughput, p50/p99 latency and
 server CPU per photo under load (wrk, concurrency 16, a rotating set of distinct photos), p50 of
 single requests on an idle server, peak RSS; then the ratios. Also the physical ceiling (decode
 and network time per photo, measured in this process) and phototag's tag quality against a
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from photos import ANTS_BEES, build_sets  # noqa: E402
 
 LOADGEN = REPO / "bench" / "loadgen.lua"
+PEOPLE_OFF = "phototag-people-off"  # the server's defaults but PHOTOTAG_PEOPLE=off
 
 
 @dataclass
@@ -240,7 +242,9 @@ def post_all(server: Server, path: Path) -> dict[str, float]:
 
 
 def report(servers: list[Server], set_names: list[str], limits: dict[str, dict]) -> str:
-    ours, references = servers[0], servers[1:]
+    ours = servers[0]
+    people_off = next((s for s in servers if s.name == PEOPLE_OFF), None)
+    references = [s for s in servers[1:] if s is not people_off]
     lines = [
         "| set | server | photos/s | p50 ms | p99 ms | idle p50 ms | CPU ms/photo "
         "| peak RSS MB | errors |",
@@ -265,6 +269,12 @@ def report(servers: list[Server], set_names: list[str], limits: dict[str, dict])
                 f"p50 x{ratio(b['p50_ms'], a['p50_ms'])} faster, "
                 f"idle p50 {a['idle_p50_ms']:.0f} vs {b['idle_p50_ms']:.0f} ms"
             )  # fmt: skip
+        if people_off is not None:
+            off = people_off.results[set_name]["throughput"]
+            lines.append(
+                f"{set_name}: people tags on keep {a['throughput'] / off:.0%} of the people-off "
+                f"throughput ({a['throughput']:.1f} against {off:.1f} photos/s)"
+            )
         c = limits[set_name]
         lines.append(
             f"{set_name} ceiling: decode+resize {c['decode_ms']:.1f} ms + network "
@@ -294,7 +304,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=40, help="distinct photos per set")
     parser.add_argument("--sets", default="phone,thumb")
     parser.add_argument(
-        "--servers", default="phototag,reference,reference-async", help="which servers to load"
+        "--servers",
+        default=f"phototag,{PEOPLE_OFF},reference,reference-async",
+        help="which servers to load",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     args = parser.parse_args()
@@ -311,11 +323,15 @@ def main() -> None:
     print("physical ceiling (this process, nothing else running):", flush=True)
     limits = ceiling(sets, checkpoint)
     python = sys.executable
-    ours = Server("phototag", [python, "-m", "app"], {
-        "PHOTOTAG_CHECKPOINT": str(checkpoint), "PHOTOTAG_HOST": "127.0.0.1",
-        "PHOTOTAG_PORT": str(port := free_port()), "PHOTOTAG_LOG_LEVEL": "warning",
-    }, "/readyz", "/v1/tags", port)  # fmt: skip
-    servers = [ours] + [
+    ours = [
+        Server(name, [python, "-m", "app"], {
+            "PHOTOTAG_CHECKPOINT": str(checkpoint), "PHOTOTAG_HOST": "127.0.0.1",
+            "PHOTOTAG_PORT": str(port := free_port()), "PHOTOTAG_LOG_LEVEL": "warning",
+            "PHOTOTAG_PEOPLE": people,
+        }, "/readyz", "/v1/tags", port)
+        for name, people in (("phototag", "on"), (PEOPLE_OFF, "off"))
+    ]  # fmt: skip
+    servers = ours + [
         Server(name, [python, "bench/reference_server.py", "--style", style, "--port",
                str(port := free_port())], {"PYTHONPATH": str(REPO)}, "/health", "/predict", port)
         for name, style in (("reference", "threaded"), ("reference-async", "async"))

@@ -39,7 +39,13 @@ from model.explain import (
     vocabulary_target,
     write_overlay,
 )
-from model.people import PEOPLE, FaceDetector, people_tags
+from model.people import (
+    PEOPLE,
+    PERSON_CATEGORIES,
+    FaceDetector,
+    people_tags,
+    person_from_categories,
+)
 from model.preprocess import normalize, resize_and_crop
 from model.runtime import Runtime, RuntimeChoice, create_runtime
 from model.tta import TTA
@@ -127,6 +133,12 @@ class Tagger:
         self.vocabulary = (
             Vocabulary.from_dict(vocabulary, self.card.classes) if vocabulary else None
         )
+        # the vocabulary's categories that show a person with no face (model.people)
+        self._person_categories = [
+            (tag.path[0], i)
+            for i, tag in enumerate(self.vocabulary.tags if self.vocabulary else [])
+            if len(tag.path) == 1 and tag.path[0] in PERSON_CATEGORIES
+        ]
         self.version = checkpoint.version  # of what it computes (model.checkpoint.output_version)
         self.file_digest = checkpoint.file_digest
         self.path = checkpoint.path
@@ -301,6 +313,7 @@ class Tagger:
                 Tag(s.label, s.probability, s.path)
                 for s in self.vocabulary.select(rolled, top_k, threshold)
             ]
+            people = self._person_without_face(people, rolled)
         else:  # the classes are the tags
             tags = [
                 Tag(t.label, t.probability, (t.label,))
@@ -310,6 +323,26 @@ class Tagger:
             wrong = self.suppressions.suppressed(scores.features)
             tags = [t for t in tags if t.label not in wrong] + self._custom_tags(scores, threshold)
         return with_people(tags, people, top_k, threshold)
+
+    def _person_without_face(self, people: Sequence[Tag], rolled: torch.Tensor) -> Sequence[Tag]:
+        """The people tags, with ``person`` from the classifier's categories where people tags
+        are on and no face gave one (:meth:`person_category`)."""
+        if self.people is None or any(t.label == "person" for t in people):
+            return people
+        found = self.person_category(rolled)
+        if found is None:
+            return people
+        return (*people, Tag("person", found.probability, (PEOPLE, "person")))
+
+    def person_category(self, rolled: torch.Tensor) -> Tag | None:
+        """The vocabulary category that shows a person with no face, from one photo's rolled-up
+        probabilities (:func:`model.people.person_from_categories`), or None."""
+        probabilities = {c: float(rolled[i]) for c, i in self._person_categories}
+        found = person_from_categories(probabilities)
+        if found is None:
+            return None
+        category = max(probabilities, key=probabilities.__getitem__)
+        return Tag(category, found.probability, (category,))
 
     @staticmethod
     def _custom_tags(scores: Scores, threshold: float | None) -> list[Tag]:
@@ -404,6 +437,20 @@ class Tagger:
             top = self.tags(probabilities, 1, None, view) or self.tags(probabilities, 1, 0.0, view)
             target = self.target(top[0].label, view)
         return explainer.heatmap(forward, target)
+
+    def person_heatmap(self, pixels: torch.Tensor) -> Heatmap | None:
+        """Where a person with no face shows, for uint8 (3, crop, crop) ``pixels``: the heatmap
+        of the category that gave ``person`` (:meth:`person_category`), or None where none did.
+        Thread-safe, like :meth:`explain`."""
+        if self.vocabulary is None:
+            return None
+        explainer = self.explainer()
+        forward = explainer.forward(pixels)
+        rolled = self.vocabulary.roll_up(forward.probabilities(self.card.task), self.card.task)
+        category = self.person_category(rolled)
+        if category is None:
+            return None
+        return explainer.heatmap(forward, self.target(category.label))
 
     def write_overlay(
         self, data: bytes, path: str | Path, tag: str | None = None, view: View = "tags"

@@ -139,7 +139,7 @@ class BatchTagger:
         choice = RuntimeChoice.resolve(
             options.device, options.backend, options.autocast, options.torch_threads
         )
-        people = FaceDetector.load() if options.people else None
+        people = FaceDetector.load(choice) if options.people else None
         self.tagger = Tagger.load(options.checkpoint, choice, people)
         self.model = model_ref(options.checkpoint, self.tagger.card_name, self.tagger.version)
         if options.custom_tags:

@@ -1,23 +1,25 @@
-"""People in photos: a face detector and the rules that turn its faces into people tags."""
+"""People in photos: the face detector (YuNet, ``detector.py`` over ``yunet.py``) and the rules
+that turn its faces into people tags (``tags.py``)."""
 
-from model.people.mtcnn import (
-    WEIGHTS_PATH,
-    Detection,
-    DetectorConfig,
-    Face,
-    FaceDetector,
-    MTCNNNets,
+from model.people.detector import Detection, DetectorConfig, Face, FaceDetector
+from model.people.tags import (
+    PEOPLE,
+    PEOPLE_TAGS,
+    PERSON_CATEGORIES,
     PeopleTag,
     people_tags,
+    person_from_categories,
 )
 
 __all__ = [
-    "WEIGHTS_PATH",
+    "PEOPLE",
+    "PEOPLE_TAGS",
+    "PERSON_CATEGORIES",
     "Detection",
     "DetectorConfig",
     "Face",
     "FaceDetector",
-    "MTCNNNets",
     "PeopleTag",
     "people_tags",
+    "person_from_categories",
 ]
