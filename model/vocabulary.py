@@ -7,6 +7,10 @@ the tree: for a single-label (softmax) model a tag's probability is the sum of i
 multi-label (sigmoid) model, whose per-class probabilities are not exclusive, it is the largest
 of its classes' (the probability of the likeliest one, a lower bound of "any of them").
 
+A tag may also count classes as evidence (``evidence``): classes assigned to other tags that
+together show a scene or a place (a fridge, a stove and a microwave: "kitchen"). Its probability
+sums those as well, so a class can count towards its own tag and towards scenes.
+
 A photo gets its most specific confident tags: every tag at or above its threshold whose
 descendants are all below theirs ("cat", not also "animal"; "bird" when no species is sure).
 The vocabulary travels in the checkpoint's card; a checkpoint without one has its classes as
@@ -37,6 +41,7 @@ class VocabularyTag:
     path: tuple[str, ...]  # from the top category down; the last element is the label
     threshold: float
     classes: tuple[str, ...]  # the network classes assigned to this tag itself
+    evidence: tuple[str, ...] = ()  # classes of other tags that count towards this one too
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Vocabulary:
                     tuple(str(p) for p in t["path"]),
                     float(t.get("threshold", 0.5)),
                     tuple(str(c) for c in t.get("classes", ())),
+                    tuple(str(c) for c in t.get("evidence", ())),
                 )
                 for t in data["tags"]
             ]
@@ -91,6 +97,7 @@ class Vocabulary:
                     "path": list(t.path),
                     "threshold": t.threshold,
                     "classes": list(t.classes),
+                    **({"evidence": list(t.evidence)} if t.evidence else {}),
                 }
                 for t in self.tags
             ],
@@ -130,7 +137,7 @@ class Vocabulary:
                 )
             if not 0 <= tag.threshold <= 1:
                 raise VocabularyError(f"tag {tag.label!r}: threshold {tag.threshold} not in [0, 1]")
-            unknown = [c for c in tag.classes if c not in known]
+            unknown = [c for c in (*tag.classes, *tag.evidence) if c not in known]
             if unknown:
                 raise VocabularyError(f"tag {tag.label!r} gathers unknown classes: {unknown[:5]}")
         assigned = [c for t in self.tags for c in t.classes]
@@ -149,10 +156,12 @@ class Vocabulary:
     def gathered(self) -> list[list[int]]:
         """Per tag, the indices of the classes it gathers: its own and its descendants'."""
         index = {name: i for i, name in enumerate(self.classes)}
-        result: list[list[int]] = [[] for _ in self.tags]
+        result: list[set[int]] = [set() for _ in self.tags]
         for tag in self.tags:
             for depth in range(1, len(tag.path) + 1):
-                result[self._by_path[tag.path[:depth]]] += [index[c] for c in tag.classes]
+                result[self._by_path[tag.path[:depth]]].update(
+                    index[c] for c in (*tag.classes, *tag.evidence)
+                )
         return [sorted(members) for members in result]
 
     @cached_property
@@ -293,34 +302,54 @@ def fit_thresholds(
     weights: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Thresholds from labelled photos, to a precision target (see :func:`fit_threshold`;
-    ``weights`` (N,): how much each photo counts).
-
-    A tag with at least ``minimum`` right examples gets its own; every other tag the one fitted
-    on all tags of its depth together (categories, then the tags below them), so a tag the
-    photos never show still answers to the same standard. None is below ``floor``: a few
-    labelled sets show a tag far fewer kinds of wrong photos than a library does (an "insect"
-    at 0.05 is right on a set of ants and bees, and junk on a holiday photo). Returns
-    ``{"tags": {label: t}, "depth": {depth: t}}``, to write into a vocabulary with
-    :func:`apply_thresholds`."""
+    ``weights`` (N,): how much each photo counts). ``probabilities`` (N, C) are rolled up here;
+    a tag is right on a photo where it gathers one of its true classes (``truths``). See
+    :func:`fit_rolled_thresholds` for the rest."""
     rolled = vocabulary.roll_up(probabilities, task)  # (N, T)
     right = torch.tensor(
         [[bool(set(members) & truth) for members in vocabulary.gathered] for truth in truths]
     )  # (N, T)
+    return fit_rolled_thresholds(vocabulary, rolled, right, precision, minimum, floor, weights)
+
+
+def fit_rolled_thresholds(
+    vocabulary: Vocabulary,
+    rolled: torch.Tensor,
+    right: torch.Tensor,
+    precision: float = 0.95,
+    minimum: int = 10,
+    floor: float = 0.0,
+    weights: torch.Tensor | None = None,
+    category_precision: float | None = None,
+) -> dict[str, Any]:
+    """Thresholds from the tag probabilities photos are served with (``rolled``, (N, T)) and
+    whether each tag is right on each photo (``right``, (N, T) bool).
+
+    A tag with at least ``minimum`` right examples gets its own; every other tag the one fitted
+    on all tags of its depth together (categories, then the tags below them), so a tag the
+    photos never show still answers to the same standard. Categories answer to
+    ``category_precision`` (default: ``precision``): a category alone is vague, so it should be
+    surer than a specific tag. None is below ``floor``: a few labelled sets show a tag far fewer
+    kinds of wrong photos than a library does (an "insect" at 0.05 is right on a set of ants and
+    bees, and junk on a holiday photo). Returns ``{"tags": {label: t}, "depth": {depth: t}}``, to
+    write into a vocabulary with :func:`apply_thresholds`."""
+    targets = {1: category_precision or precision, 2: precision}
+    depths = torch.tensor([min(len(tag.path), 2) for tag in vocabulary.tags])
     own: dict[str, float] = {}
     for t, tag in enumerate(vocabulary.tags):
         if int(right[:, t].sum()) >= minimum:
-            fitted = fit_threshold(rolled[:, t], right[:, t], precision, minimum, weights)
+            target = targets[int(depths[t])]
+            fitted = fit_threshold(rolled[:, t], right[:, t], target, minimum, weights)
             if fitted is not None:
                 own[tag.label] = round(max(fitted, floor), 4)
     depth: dict[str, float] = {}
-    depths = torch.tensor([min(len(tag.path), 2) for tag in vocabulary.tags])
     for level in (1, 2):
         columns = depths == level
         per_tag = None if weights is None else weights.repeat_interleave(int(columns.sum()))
         fitted = fit_threshold(
             rolled[:, columns].reshape(-1),
             right[:, columns].reshape(-1),
-            precision,
+            targets[level],
             minimum,
             per_tag,
         )

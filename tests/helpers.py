@@ -116,12 +116,19 @@ def shared_data(name: str) -> Path:
     return path
 
 
-def load_tagger(path: Path, device: str = "cpu", autocast: str = "off", backend: str = "torch"):
-    """A :class:`model.tagger.Tagger` on the runtime these settings resolve to."""
+def load_tagger(
+    path: Path,
+    device: str = "cpu",
+    autocast: str = "off",
+    backend: str = "torch",
+    regions: int = 0,
+):
+    """A :class:`model.tagger.Tagger` on the runtime these settings resolve to; the whole photo
+    alone unless ``regions`` (tests of regions ask for them)."""
     from model.runtime import RuntimeChoice
     from model.tagger import Tagger
 
-    return Tagger.load(path, RuntimeChoice.resolve(device, backend, autocast))
+    return Tagger.load(path, RuntimeChoice.resolve(device, backend, autocast), regions=regions)
 
 
 def queue_depth(metrics_text: str) -> float:

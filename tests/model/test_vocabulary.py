@@ -151,13 +151,11 @@ def coco_dev(*things: str) -> list[tuple[dict, bytes]]:
 def test_real_dog_photos_are_tagged_dog_not_just_animal(default_checkpoint):
     # A dog's mass is spread over breeds and near-dogs: the rolled-up "dog" of a real dog photo
     # is 0.6-0.9, which a threshold fitted on CIFAR-10's 32 px thumbnails (0.92) turned into
-    # "animal". Where the dog is the photo's subject, the tag must say "dog".
+    # "animal". Where the dog is the photo's subject, the served tags (regions included) must
+    # say "dog".
     tagger = Tagger.load(default_checkpoint)
     dogs = coco_dev("dog")
     assert len(dogs) >= 8, "coco-dev has 9 photos with a dog"
     labels = {row["file"]: [t.label for t in tagger.tag(data)] for row, data in dogs}
     named = [f for f, tags in labels.items() if "dog" in tags]
     assert len(named) >= 2, labels  # the landed thresholds named none
-    dog = next(t for t in tagger.vocabulary.tags if t.label == "dog")
-    bird = next(t for t in tagger.vocabulary.tags if t.label == "bird")
-    assert dog.threshold <= 0.65 and bird.threshold <= 0.65

@@ -17,7 +17,8 @@ Inputs (none is needed at run time; the result is a plain JSON file in the packa
   ambiguous) to a tag path; a class takes the path of its nearest ancestor (itself included) that
   has one. ``classes`` maps a class (torchvision's name) straight to a path, over the synsets.
   ``hidden`` lists classes that are noise for photo tagging. Every class must end up tagged or
-  hidden: the build fails and lists the others.
+  hidden: the build fails and lists the others. ``scenes`` maps a scene or place (a tag under
+  ``scene``) to the classes that show it together (its evidence, which stay their own tags too).
 * The thresholds fitted on labelled photos (``thresholds.json``, written by
   ``bench/vocabulary_bench.py --fit``); without it every tag has ``default_threshold``.
 
@@ -39,6 +40,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_OUT = REPO / "model" / "vocabularies" / "imagenet.json"
+SCENE = "scene"  # the category of the scenes and places
 NOTICE = (
     "Tag tree derived from WordNet 3.0 (Copyright 2006 by Princeton University, used under the "
     "WordNet 3.0 licence: model/vocabularies/LICENSE-WordNet) and curated by the phototag "
@@ -167,6 +169,19 @@ def build_tags(paths: dict[str, str], categories: list[str], default: float) -> 
     ]
 
 
+def scene_tags(scenes: dict[str, list[str]], classes: list[str], default: float) -> list[dict]:
+    """The ``scene`` category and one tag under it per scene, each with its evidence classes."""
+    unknown = sorted({c for members in scenes.values() for c in members} - set(classes))
+    if unknown:
+        raise SystemExit(f"curation.yaml scenes name classes that do not exist: {unknown}")
+    category = {"label": SCENE, "path": [SCENE], "threshold": default, "classes": []}
+    return [category] + [
+        {"label": label, "path": [SCENE, label], "threshold": default, "classes": [],
+         "evidence": sorted(members)}
+        for label, members in scenes.items()
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wordnet", type=Path, required=True, help="WordNet 3.0 data.noun")
@@ -189,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "name": "imagenet-everyday",
         "notice": NOTICE,
         "thresholds": "the curation's default_threshold",
-        "tags": build_tags(paths, curation["categories"], default),
+        "tags": build_tags(paths, curation["categories"], default)
+        + scene_tags(curation.get("scenes", {}), classes, default),
         "hidden": sorted(hidden),
     }
     sys.path.insert(0, str(REPO))
