@@ -6,6 +6,7 @@
     phototag pretrained   build the default ImageNet checkpoint
     phototag tag          tag a photo library: XMP sidecars, a results file
     phototag teach        teach a custom tag from example photos
+    phototag people       teach, list and forget the names given to faces
 
 ``phototag COMMAND --help`` tells more. Each command is its module's ``main(argv)``; the
 older names (``phototag-serve``, ``phototag-train``, ...) run the same functions. Exit status: 0
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrained": ("model.pretrained", "build the default ImageNet checkpoint"),
     "tag": ("model.library.cli", "tag a photo library: XMP sidecars, a results file"),
     "teach": ("model.teach", "teach a custom tag from example photos"),
+    "people": ("model.people.cli", "teach, list and forget the names given to faces"),
 }
 
 

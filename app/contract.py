@@ -7,6 +7,7 @@ What the routes cannot say by themselves, and is set here:
   (app.auth.needs_key); a server without PHOTOTAG_API_KEYS declares none; the operations that
   change what every client sees (marked ``x-phototag-admin`` by their routes) need an admin key
   whenever the server has keys (app.auth.needs_admin_key), with a 403 for a key that is not one;
+- the label languages the server serves: the enum of every ``lang`` parameter;
 - the upload limits: most photos per request (PHOTOTAG_MAX_FILES) and largest body
   (PHOTOTAG_MAX_BODY_BYTES, for /v1/explain too);
 - the answers any request can get, whatever its route: 413 (a body over the limit), 431 (a request
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
 
 from app.auth import SECURITY_SCHEMES, needs_admin_key, needs_key
 from app.settings import Settings
+from model.labels import ENGLISH
 
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 _RETRY_AFTER = {
@@ -59,24 +62,33 @@ _UNAUTHORIZED = {
 }
 
 
-def install_contract(app: FastAPI, settings: Settings) -> None:
+def install_contract(
+    app: FastAPI, settings: Settings, languages: Sequence[str] = (ENGLISH,)
+) -> None:
     """Serve :func:`served_contract` at /openapi.json (and /docs) for ``app``."""
     generate = app.openapi  # FastAPI's own: the schema of the routes
 
     @functools.cache
     def openapi() -> dict[str, Any]:
-        return served_contract(generate(), settings)
+        return served_contract(generate(), settings, languages)
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def served_contract(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """FastAPI's schema of the routes -> the contract of a server with ``settings`` (a copy)."""
+def served_contract(
+    schema: dict[str, Any], settings: Settings, languages: Sequence[str] = (ENGLISH,)
+) -> dict[str, Any]:
+    """FastAPI's schema of the routes -> the contract of a server with ``settings`` and the
+    label ``languages`` it serves (a copy)."""
     schema = copy.deepcopy(schema)
     keyed = False
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "query" and parameter["name"] == "lang":
+                    parameter["schema"] = {"type": "string", "enum": list(languages)}
+                    _unsupported_language(responses)
             admin = operation.pop("x-phototag-admin", False) and needs_admin_key(settings)
             if admin:
                 responses["403"] = {"description": _FORBIDDEN, "content": _ERROR}
@@ -116,7 +128,21 @@ def served_contract(schema: dict[str, Any], settings: Settings) -> dict[str, Any
     examples["description"] += (
         f" At most {settings.max_files} of each per request (PHOTOTAG_MAX_FILES; more: 400)."
     )
+    faces = schema["paths"]["/v1/people/{name}/examples"]["post"]["requestBody"]
+    faces["content"]["multipart/form-data"]["schema"]["properties"]["file"]["maxItems"] = (
+        settings.max_files
+    )
+    faces["description"] += f" At most {settings.max_files} per request (PHOTOTAG_MAX_FILES)."
     return schema
+
+
+def _unsupported_language(responses: dict[str, Any]) -> None:
+    described = responses.get("400", {}).get("description", "")
+    responses["400"] = {
+        "description": f"{described} A `lang` this server does not serve "
+        "(unsupported_language; the message lists those it does).".strip(),
+        "content": _ERROR,
+    }
 
 
 def _is_fastapi_validation_error(response: dict[str, Any] | None) -> bool:

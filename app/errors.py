@@ -87,6 +87,16 @@ class ExplainOverloaded(ApiError):
         )
 
 
+class UnsupportedLanguage(ApiError):
+    def __init__(self, language: str, served: list[str]):
+        super().__init__(
+            400,
+            "unsupported_language",
+            f"no labels in language {language!r}; served: {', '.join(served)} (en: the "
+            "vocabulary's own labels)",
+        )
+
+
 class UnknownTag(ApiError):
     def __init__(self, message: str):
         super().__init__(422, "unknown_tag", message)

@@ -30,6 +30,7 @@ from app.auth import ApiKey
 from app.batcher import ShuttingDown
 from app.deps import ERRORS, PHOTO, DecoderDep, ServedDep, SettingsDep, lifespan_state
 from app.errors import ApiError, ExplainOverloaded, InferenceTimeout, UnknownTag
+from app.language import Language, LanguageDep
 from app.schemas import (
     ExplainResponse,
     FaceBox,
@@ -193,6 +194,8 @@ async def explain_photo(
     settings: SettingsDep,
     decoder: DecoderDep,
     pool: ExplainPoolDep,
+    language: LanguageDep,
+    response: Response,
     tag: Annotated[
         str | None,
         Query(
@@ -241,25 +244,42 @@ async def explain_photo(
         )
     upload = uploads[0]
     png = wants_png(accept)
+    language.stamp(response)  # the JSON answers; a PNG is stamped where it is made
     with pool.admit():
         image = await decoder.image(upload.data, tagger)
+        via = None  # the category that showed a person with no face
         if people is not None:
             found = await pool.run(_faces, tagger, image, people, png)
-            return _faces_answer(served.ref(), upload.filename, image, found)
-        done = await pool.run(_explain, tagger, image, tag, vocabulary, png)
-    label = done.heatmap.tag
+            without_face = None
+            if people == "person" and not found.faces:
+                without_face = await pool.run(_person_without_face, tagger, image, png)
+            if without_face is None:
+                return _faces_answer(served.ref(), upload.filename, image, found, language)
+            done, via = without_face, without_face.heatmap
+        else:
+            done = await pool.run(_explain, tagger, image, tag, vocabulary, png)
+    heatmap = done.heatmap
+    label, path = ("person", (PEOPLE, "person")) if via else (heatmap.tag, heatmap.path)
+    probability = min(max(heatmap.probability, 0.0), 1.0)
     if png:
-        headers = {"X-Tag": quote(label), "X-Tag-Probability": f"{done.heatmap.probability:.4f}"}
-        return Response(done.png, media_type="image/png", headers=headers)
+        shown = language.names(label, path)["label"]  # in the request's language
+        headers = {"X-Tag": quote(shown), "X-Tag-Probability": f"{probability:.4f}"}
+        if via:
+            headers["X-Via"] = quote(language.names(via.tag, via.path)["label"])
+        return language.stamp(Response(done.png, media_type="image/png", headers=headers))
     left, top, right, bottom = explain.region(image.size, tagger.card.preprocess)
-    path = {"path": list(done.heatmap.path)} if done.heatmap.path else {}
     return ExplainResponse(
         model=served.ref(),
         filename=upload.filename,
-        tag=Tag(label=label, probability=min(max(done.heatmap.probability, 0.0), 1.0), **path),
+        tag=Tag(probability=probability, **language.names(label, path)),
         method=explain.METHOD,
-        grid=[[round(float(v), 4) for v in row] for row in done.heatmap.grid],
+        grid=[[round(float(v), 4) for v in row] for row in heatmap.grid],
         region=Region(left=left, top=top, right=right, bottom=bottom),
+        **(
+            {"via": Tag(probability=probability, **language.names(via.tag, via.path))}
+            if via
+            else {}
+        ),
     )
 
 
@@ -301,23 +321,36 @@ def _faces(tagger: Tagger, image: Image.Image, label: str, png: bool) -> _Found:
     return _Found(label, tags.get(label, 0.0), faces, drawn)
 
 
+def _person_without_face(tagger: Tagger, image: Image.Image, png: bool) -> _Done | None:
+    """On an explanation thread: the heatmap of the category that showed a person where no face
+    did (what gave /v1/tags its ``person``), drawn when it is wanted; None where none did."""
+    heatmap = tagger.person_heatmap(tagger.crop(image))
+    if heatmap is None:
+        return None
+    if not png:
+        return _Done(heatmap, None)
+    return _Done(
+        heatmap, explain.overlay_png(image, heatmap, tagger.card.preprocess, OVERLAY_MAX_SIDE)
+    )
+
+
 def _faces_answer(
-    model: ModelRef, filename: str | None, image: Image.Image, found: _Found
+    model: ModelRef, filename: str | None, image: Image.Image, found: _Found, language: Language
 ) -> Response | PeopleExplainResponse:
     probability = min(max(found.probability, 0.0), 1.0)
     if found.png is not None:
         headers = {
-            "X-Tag": quote(found.label),
+            "X-Tag": quote(language.names(found.label, (PEOPLE, found.label))["label"]),
             "X-Tag-Probability": f"{probability:.4f}",
             "X-Faces": str(len(found.faces)),
         }
-        return Response(found.png, media_type="image/png", headers=headers)
+        return language.stamp(Response(found.png, media_type="image/png", headers=headers))
     size = full_size(image)  # the photo as sent: the decoded one may be a JPEG draft
     boxes = explain.scale_boxes([f.box for f in found.faces], image.size, size)
     return PeopleExplainResponse(
         model=model,
         filename=filename,
-        tag=Tag(label=found.label, probability=probability, path=[PEOPLE, found.label]),
+        tag=Tag(probability=probability, **language.names(found.label, (PEOPLE, found.label))),
         method="faces",
         width=size[0],
         height=size[1],

@@ -24,6 +24,7 @@ from app.errors import install_error_handlers
 from app.explain import ExplainPool, explain_api
 from app.limits import BodySizeLimitMiddleware
 from app.metrics import Metrics
+from app.people import router as people_router
 from app.pipeline import Decoder
 from app.registry import ModelRegistry
 from app.routes import STATIC, api, ops, page
@@ -67,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.registry = registry
+    app.state.labels = plan.labels  # every served language's labels (app.language)
+    app.state.default_language = plan.default_language
     # Added innermost first: the request id and metrics see every answer, the 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
@@ -75,17 +78,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After", "X-Tag", "X-Tag-Probability", "X-Faces"],
+            expose_headers=[
+                "X-Request-ID",
+                "Retry-After",
+                "X-Tag",
+                "X-Tag-Probability",
+                "X-Faces",
+                "X-Via",
+            ],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(explain_api)
     app.include_router(custom_tags_router)
+    app.include_router(people_router)
     app.include_router(ops)
     app.include_router(page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    install_contract(app, settings)
+    install_contract(app, settings, plan.labels.languages)
     return app
 
 

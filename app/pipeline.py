@@ -18,6 +18,7 @@ from app.batcher import Batcher
 from app.errors import ApiError, DecodeTimeout, photo_error
 from app.metrics import Metrics
 from model.imageio import PhotoError
+from model.people.names import NamedFace
 from model.tagger import Prepared, Scores, Tag, Tagger
 
 log = logging.getLogger("phototag.pipeline")
@@ -104,6 +105,7 @@ class Tagged:
 
     scores: Scores
     people: tuple[Tag, ...]
+    faces: tuple[NamedFace, ...] | None = None  # with names on (Prepared.faces)
 
 
 Outcome = Tagged | ApiError
@@ -123,7 +125,7 @@ async def tag_uploads(
             results = await batcher.infer(tagger, pixels, model_id)
             for (i, prepared), result in zip(good, results, strict=True):
                 failed = isinstance(result, ApiError)
-                outcomes[i] = result if failed else Tagged(result, prepared.people)
+                outcomes[i] = result if failed else Tagged(result, prepared.people, prepared.faces)
     errors = [o for o in outcomes if isinstance(o, ApiError)]
     if len(errors) == len(outcomes):
         raise errors[0]

@@ -26,6 +26,7 @@ from app.settings import ServingPlan, Settings
 from model.checkpoint import CheckpointError
 from model.custom_tags import CustomTagStore
 from model.people import FaceDetector
+from model.people.names import Embedder, Namer, NameStore
 from model.tagger import Tagger
 from model.teach import serve_tags
 
@@ -75,6 +76,10 @@ class ModelRegistry:
         # one face detector for every served model (its weights are the package's, not a
         # model's), on the models' runtime
         self.people = FaceDetector.load(plan.runtime) if settings.people == "on" else None
+        # taught names for those faces (PHOTOTAG_NAMES), shared by every model and app.people
+        self.names = None
+        if settings.names == "on":
+            self.names = Namer(Embedder.load(plan.runtime), NameStore(settings.names_folder))
         self._taggers: dict[str, Tagger] = {}
         self._tried: dict[str, FileSignature | None] = {}  # file state last loaded or refused
 
@@ -181,7 +186,9 @@ class ModelRegistry:
         return None
 
     def _build(self, model_id: str, path: Path) -> Tagger:
-        tagger = Tagger.load(path, self.plan.runtime, self.people)
+        tagger = Tagger.load(
+            path, self.plan.runtime, self.people, self.settings.regions, self.names
+        )
         if self.custom_tags is not None:
             tags = serve_tags(self.custom_tags, model_id, tagger)
             stale = [t.name for t in tags if t.stale(tagger.probabilities_version)]

@@ -23,19 +23,23 @@ from app.deps import (
     SettingsDep,
 )
 from app.errors import ApiError, ModelNotReady
+from app.language import Language, LanguageDep
 from app.pipeline import Outcome, tag_uploads
 from app.schemas import (
     ErrorResponse,
     Health,
+    LanguageInfo,
     ModelInfo,
     ModelList,
     ModelSummary,
+    NamedFaceBox,
     PhotoResult,
     Tag,
     TagResponse,
     VocabularyTag,
 )
 from app.uploads import read_uploads
+from model.people.names import NamedFace
 from model.tagger import Tagger
 
 STATIC = Path(__file__).parent / "static"
@@ -83,16 +87,25 @@ _UPLOAD_BODY = {
     description="Per-class probabilities for each uploaded photo, top tags first. In a request "
     "with several photos, a photo that fails gets an `error` entry and the others are tagged.\n\n"
     "`curl -F file=@cat.jpg -F file=@dog.heic 'localhost:8000/v1/tags?model=pets'` or "
-    "`curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/tags`",
+    "`curl --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/tags`\n\n"
+    "Labels in another language: `?lang=de` (or Accept-Language); `path` stays in English.",
 )
 async def tag_photos(
     request: Request,
+    response: Response,
     served: ServedDep,
     settings: SettingsDep,
     decoder: DecoderDep,
     batcher: BatcherDep,
+    language: LanguageDep,
     top_k: Annotated[
-        int | None, Query(ge=1, description="Tags per photo (default 5).", examples=[3])
+        int | None,
+        Query(
+            ge=1,
+            description="Tags per photo (default 5), besides the names of recognised people "
+            "(people/<name>, PHOTOTAG_NAMES=on), which are always returned.",
+            examples=[3],
+        ),
     ] = None,
     threshold: Annotated[
         float | None,
@@ -116,11 +129,12 @@ async def tag_photos(
 ) -> TagResponse:
     uploads = await read_uploads(request, settings)
     outcomes = await tag_uploads(uploads, served.tagger, served.model_id, decoder, batcher)
-    choice = TagChoice(top_k or settings.default_top_k, threshold, vocabulary, all)
+    choice = TagChoice(top_k or settings.default_top_k, threshold, vocabulary, all, language)
     photos = [
         shape_result(upload.filename, outcome, served.tagger, choice)
         for upload, outcome in zip(uploads, outcomes, strict=True)
     ]
+    language.stamp(response)
     return TagResponse(model=served.ref(), results=photos)
 
 
@@ -132,6 +146,20 @@ class TagChoice:
     threshold: float | None
     view: Literal["tags", "classes"]
     include_all: bool
+    language: Language  # of the labels
+
+
+def named_face(face: NamedFace) -> NamedFaceBox:
+    left, top, right, bottom = face.box
+    return NamedFaceBox(
+        left=left,
+        top=top,
+        right=right,
+        bottom=bottom,
+        score=face.score,
+        name=face.name,
+        probability=face.probability,
+    )
 
 
 def shape_result(
@@ -143,13 +171,17 @@ def shape_result(
         return PhotoResult(filename=filename, tags=[], error=error)
     scores = outcome.scores
     tags = [
-        Tag(label=t.label, probability=t.probability, **({"path": list(t.path)} if t.path else {}))
+        Tag(probability=t.probability, **choice.language.names(t.label, t.path))
         for t in tagger.tags(scores, choice.top_k, choice.threshold, choice.view, outcome.people)
     ]  # a raw class has no path: the field stays out of the response
+    extra = {}
+    if outcome.faces is not None:  # names on: each face with its name (never its descriptor)
+        extra["faces"] = [named_face(f) for f in outcome.faces]
     if choice.include_all:
-        everything = dict(zip(tagger.classes, scores.probabilities.tolist(), strict=True))
-        return PhotoResult(filename=filename, tags=tags, probabilities=everything)
-    return PhotoResult(filename=filename, tags=tags)
+        extra["probabilities"] = dict(
+            zip(tagger.classes, scores.probabilities.tolist(), strict=True)
+        )
+    return PhotoResult(filename=filename, tags=tags, **extra)
 
 
 @api.get(
@@ -158,9 +190,15 @@ def shape_result(
     responses={503: {"model": ErrorResponse}},
     summary="The served models: ids to pass as ?model=, versions, and the default",
 )
-async def list_models(registry: RegistryDep) -> ModelList:
+async def list_models(request: Request, registry: RegistryDep) -> ModelList:
     summaries = [summary(*registry.get(i), registry.default_id) for i in registry.model_ids()]
-    return ModelList(default=registry.default_id, models=summaries)
+    labels = request.app.state.labels
+    return ModelList(
+        default=registry.default_id,
+        models=summaries,
+        languages=[LanguageInfo(code=c, name=labels.name(c)) for c in labels.languages],
+        default_language=request.app.state.default_language,
+    )
 
 
 def summary(model_id: str, tagger: Tagger, default_id: str) -> ModelSummary:
@@ -182,11 +220,15 @@ def summary(model_id: str, tagger: Tagger, default_id: str) -> ModelSummary:
 @api.get(
     "/v1/model",
     response_model=ModelInfo,
+    response_model_exclude_unset=True,  # path_labels: only in a language other than en
     responses={404: UNKNOWN_MODEL, 503: {"model": ErrorResponse}},
     summary="One served model in full: classes, preprocessing, metrics",
+    description="With `?lang=` (or Accept-Language), the vocabulary's labels in that language "
+    "and each tag's `path_labels`; paths stay in English.",
 )
-async def model_info(served: ServedDep) -> ModelInfo:
+async def model_info(served: ServedDep, language: LanguageDep, response: Response) -> ModelInfo:
     card = served.tagger.card
+    language.stamp(response)
     return ModelInfo(
         id=served.model_id,
         default=served.default,
@@ -199,7 +241,7 @@ async def model_info(served: ServedDep) -> ModelInfo:
         temperature=card.temperature,
         tta=card.tta,
         thresholds=card.thresholds,
-        vocabulary=vocabulary_tags(served.tagger),
+        vocabulary=vocabulary_tags(served.tagger, language),
         metrics=card.metrics,
         description=card.description,
         created_at=card.created_at,
@@ -209,14 +251,13 @@ async def model_info(served: ServedDep) -> ModelInfo:
     )
 
 
-def vocabulary_tags(tagger: Tagger) -> list[VocabularyTag] | None:
+def vocabulary_tags(tagger: Tagger, language: Language) -> list[VocabularyTag] | None:
     vocabulary = tagger.vocabulary
     if vocabulary is None:
         return None
     return [
         VocabularyTag(
-            label=tag.label,
-            path=list(tag.path),
+            **language.names(tag.label, tag.path),
             threshold=tag.threshold,
             classes=[vocabulary.classes[i] for i in members],
         )

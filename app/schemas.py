@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # The default checkpoint as the examples show it (python -m model.pretrained builds this version).
-EXAMPLE_MODEL = {"id": "default", "name": "imagenet-efficientnet-lite0", "version": "5e43eea0b438"}
+EXAMPLE_MODEL = {"id": "default", "name": "imagenet-efficientnet-lite0", "version": "55f63f2ff122"}
 
 
 class ErrorDetail(BaseModel):
@@ -34,8 +34,20 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+_PATH_LABELS = (
+    "The labels of the path's elements in the response's language (Content-Language), from "
+    "the top category down; only in a language other than en (?lang=, Accept-Language, "
+    "PHOTOTAG_LANG). Absent with ?vocabulary=classes."
+)
+_LABEL = (
+    "In the response's language (Content-Language): the vocabulary's own (English) label "
+    "without one, else its label in that language (the English one where it has none; a custom "
+    "tag keeps its name)."
+)
+
+
 class Tag(BaseModel):
-    label: str = Field(examples=["cat"])
+    label: str = Field(examples=["cat"], description=_LABEL)
     probability: float = Field(
         ge=0,
         le=1,
@@ -46,14 +58,21 @@ class Tag(BaseModel):
     path: list[str] | None = Field(
         None,
         description="The tag's place in the vocabulary, from the top category down, ending "
-        "with the label. Absent with ?vocabulary=classes.",
+        "with its English label: its stable id, in English whatever the language. Absent with "
+        "?vocabulary=classes.",
         examples=[["animal", "cat"]],
+    )
+    path_labels: list[str] | None = Field(
+        None, description=_PATH_LABELS, examples=[["Tier", "Katze"]]
     )
 
 
 class VocabularyTag(BaseModel):
-    label: str = Field(examples=["cat"])
-    path: list[str] = Field(examples=[["animal", "cat"]])
+    label: str = Field(examples=["cat"], description=_LABEL)
+    path: list[str] = Field(examples=[["animal", "cat"]], description="Its id, in English.")
+    path_labels: list[str] | None = Field(
+        None, description=_PATH_LABELS, examples=[["Tier", "Katze"]]
+    )
     threshold: float = Field(description="The probability from which the tag is returned.")
     classes: list[str] = Field(
         description="The network classes it gathers (its own and its descendants').",
@@ -69,6 +88,12 @@ class PhotoResult(BaseModel):
     )
     error: ErrorDetail | None = Field(
         None, description="Set, with no tags, for a photo of a multi-photo request that failed."
+    )
+    faces: list[NamedFaceBox] | None = Field(
+        None,
+        description="Only where the server names people (PHOTOTAG_NAMES=on): every face found, "
+        "best first, with the name of the taught person it is (people/<name> among the tags) "
+        "or null.",
     )
 
 
@@ -132,9 +157,21 @@ class ModelSummary(BaseModel):
     default: bool = Field(description="Whether requests without ?model= get this model.")
 
 
+class LanguageInfo(BaseModel):
+    code: str = Field(description="Pass it as ?lang=.", examples=["de"])
+    name: str = Field(description="The language's name in itself.", examples=["Deutsch"])
+
+
 class ModelList(BaseModel):
     default: str = Field(description="The id of the default model.", examples=["default"])
     models: list[ModelSummary]
+    languages: list[LanguageInfo] = Field(
+        description="The languages tags are labelled in (?lang=), en first."
+    )
+    default_language: str = Field(
+        description="The language of a request that names none (PHOTOTAG_LANG, else en).",
+        examples=["en"],
+    )
 
 
 class ModelInfo(BaseModel):
@@ -207,6 +244,12 @@ class ExplainResponse(BaseModel):
         "strongest, 0 where there is none.",
     )
     region: Region = Field(description="Where the grid lies on the photo.")
+    via: Tag | None = Field(
+        default=None,
+        description="Only for `person` on a photo where no face was found: the classifier's "
+        "category that showed a person (sport, clothing or people: what people do or wear), "
+        "whose heatmap the grid is. Absent otherwise.",
+    )
 
 
 class FaceBox(BaseModel):
@@ -218,6 +261,20 @@ class FaceBox(BaseModel):
     right: float = Field(ge=0, examples=[281.9])
     bottom: float = Field(ge=0, examples=[188.0])
     score: float = Field(ge=0, le=1, examples=[0.998], description="The detector's confidence.")
+
+
+class NamedFaceBox(FaceBox):
+    """A face and who it is: a taught person's name (PHOTOTAG_NAMES=on), or null for a face
+    nobody taught or nobody close enough. Face descriptors are never returned."""
+
+    name: str | None = Field(examples=["Alice"], description="The taught person, or null.")
+    probability: float | None = Field(
+        ge=0,
+        le=1,
+        examples=[0.93],
+        description="How sure the name is (from the face's distance to the person's nearest "
+        "example: 0.5 at dlib's same-person line 0.6); null without a name.",
+    )
 
 
 class PeopleExplainResponse(BaseModel):

@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model import regions
+from model.labels import ENGLISH, Labels, LabelsError
+from model.people.names import default_names_dir
 from model.runtime import ConfigError, RuntimeChoice
 from model.teach import default_store_dir
 
@@ -144,8 +147,40 @@ class Settings(BaseSettings):
         description="People tags (people/person, people/portrait, people/group) from a face "
         "detector run on each decoded photo: on or off.",
     )
+    # --- names (README: "Name the people in your photos")
+    names: Literal["on", "off"] = Field(
+        "off",
+        description="Name the faces of people taught through /v1/people (people/<name> tags, "
+        "each photo's faces with their names): on or off. Needs people=on. Off, no face "
+        "descriptor is computed or kept.",
+    )
+    names_dir: Path | None = Field(
+        None,
+        description="Where taught names are kept (one file of face descriptors per name); "
+        "must be writable to teach. Default: names/ in models_dir, or beside checkpoint.",
+    )
+    regions: int = Field(
+        regions.DEFAULT,
+        description="Parts of each photo tagged beside the whole, in the same forward pass, so "
+        "that several things get tags: 4 (its corners) or 0 (the whole photo alone: one forward "
+        "pass per photo instead of five, for CPU servers where throughput matters most).",
+    )
     default_top_k: int = Field(
         5, ge=1, description="Tags returned per photo when top_k is not given."
+    )
+
+    # --- languages (README: "Tags in your language")
+    lang: str | None = Field(
+        None,
+        description="The language of the tags' labels when a request names none (no ?lang=, "
+        "no Accept-Language that matches): en (the default) or a served language (de, fr, es, "
+        "it, pt, nl, pl, ja, zh, ko, or one from labels_dir).",
+    )
+    labels_dir: Path | None = Field(
+        None,
+        description="A folder of label files (*.json, the format of "
+        "model/vocabularies/imagenet.de.json) that change or add labels of a shipped language, "
+        "or add a language; checked at start.",
     )
 
     # --- operations
@@ -215,6 +250,11 @@ class Settings(BaseSettings):
             raise ValueError("use 0 (decode in full) or a value of at least 1")
         return value
 
+    @field_validator("regions")
+    @classmethod
+    def _regions_we_tag(cls, value: int) -> int:
+        return regions.check(value)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_case_level(cls, value: object) -> object:
@@ -241,6 +281,13 @@ class Settings(BaseSettings):
             return self.custom_tags_dir
         return default_store_dir(self.models_dir or self.checkpoint.parent)
 
+    @property
+    def names_folder(self) -> Path:
+        """names_dir, or names/ in the models folder (or beside the checkpoint)."""
+        if self.names_dir is not None:
+            return self.names_dir
+        return default_names_dir(self.models_dir or self.checkpoint.parent)
+
     def serving_plan(self) -> ServingPlan:
         """Every value the server derives from the settings and the machine, resolved in one
         place; raises :class:`ConfigError` (one line, naming the variable) when one cannot
@@ -254,6 +301,12 @@ class Settings(BaseSettings):
         runtime = RuntimeChoice.resolve(
             self.device, self.backend, self.autocast, self.torch_threads, names
         )
+        labels, language = self.languages()
+        if self.names == "on" and self.people != "on":
+            raise ConfigError(
+                f"{ENV_PREFIX}NAMES=on names the faces the detector finds: set "
+                f"{ENV_PREFIX}PEOPLE=on too (or {ENV_PREFIX}NAMES=off)"
+            )
         size, wait_ms = DEFAULT_BATCHING[runtime.device.type]
         size = self.max_batch_size or size
         wait_ms = wait_ms if self.max_batch_wait_ms is None else self.max_batch_wait_ms
@@ -263,7 +316,24 @@ class Settings(BaseSettings):
             max_batch_wait_s=wait_ms / 1000,
             decode_threads=self.decode_threads or min(8, os.cpu_count() or 1),
             warm_up_sizes=tuple(sorted({1, size})),
+            labels=labels,
+            default_language=language,
         )
+
+    def languages(self) -> tuple[Labels, str]:
+        """The labels of every served language (the shipped ones, labels_dir's over them) and
+        the default language; :class:`ConfigError` for a bad label file or an unknown lang."""
+        try:
+            labels = Labels.load(self.labels_dir)
+        except LabelsError as exc:
+            raise ConfigError(f"{ENV_PREFIX}LABELS_DIR={self.labels_dir}: {exc}") from None
+        language = self.lang or ENGLISH
+        if language not in labels:
+            raise ConfigError(
+                f"{ENV_PREFIX}LANG={self.lang}: not a served language; use one of "
+                f"{', '.join(labels.languages)}"
+            )
+        return labels, language
 
 
 @dataclass(frozen=True)
@@ -276,6 +346,8 @@ class ServingPlan:
     max_batch_wait_s: float
     decode_threads: int
     warm_up_sizes: tuple[int, ...]  # batch sizes each model runs once before it serves
+    labels: Labels  # every served language's labels (model.labels)
+    default_language: str  # PHOTOTAG_LANG, else en: what a request that names none gets
 
 
 @lru_cache

@@ -1,12 +1,13 @@
 """phototag's server against the tutorial reference, back to back on this machine.
 
-For each photo set (phone-size and thumbnails) and each server (phototag with its defaults, people
-tags on; phototag with PHOTOTAG_PEOPLE=off; the reference in its two styles, threaded and async,
-see bench/reference_server.py): throughput, p50/p99 latency and
-server CPU per photo under load (wrk, concurrency 16, a rotating set of distinct photos), p50 of
-single requests on an idle server, peak RSS; then the ratios. Also the physical ceiling (decode
-and network time per photo, measured in this process) and phototag's tag quality against a
-full-precision, full-decode forward pass, on the shipped photos and on both sets.
+For each photo set (phone-size and thumbnails) and each server (phototag with its defaults:
+people tags on, four regions; phototag with PHOTOTAG_PEOPLE=off; with PHOTOTAG_REGIONS=0; the
+reference in its two styles, threaded and async, see bench/reference_server.py): throughput,
+p50/p99 latency and server CPU per photo under load (wrk, concurrency 16, a rotating set of
+distinct photos), p50 of single requests on an idle server, peak RSS; then the ratios. Also the
+physical ceiling (decode and network time per photo, measured in this process) and phototag's
+tag quality against a full-precision, full-decode forward pass, on the shipped photos and on
+both sets.
 
     make bench-serve          # or: .venv/bin/python bench/serve_bench.py --duration 20
 
@@ -37,6 +38,7 @@ from photos import ANTS_BEES, build_sets  # noqa: E402
 
 LOADGEN = REPO / "bench" / "loadgen.lua"
 PEOPLE_OFF = "phototag-people-off"  # the server's defaults but PHOTOTAG_PEOPLE=off
+REGIONS_OFF = "phototag-regions-0"  # the server's defaults but PHOTOTAG_REGIONS=0
 
 
 @dataclass
@@ -244,7 +246,7 @@ def post_all(server: Server, path: Path) -> dict[str, float]:
 def report(servers: list[Server], set_names: list[str], limits: dict[str, dict]) -> str:
     ours = servers[0]
     people_off = next((s for s in servers if s.name == PEOPLE_OFF), None)
-    references = [s for s in servers[1:] if s is not people_off]
+    references = [s for s in servers[1:] if not s.name.startswith("phototag")]
     lines = [
         "| set | server | photos/s | p50 ms | p99 ms | idle p50 ms | CPU ms/photo "
         "| peak RSS MB | errors |",
@@ -305,7 +307,7 @@ def main() -> None:
     parser.add_argument("--sets", default="phone,thumb")
     parser.add_argument(
         "--servers",
-        default=f"phototag,{PEOPLE_OFF},reference,reference-async",
+        default=f"phototag,{PEOPLE_OFF},{REGIONS_OFF},reference,reference-async",
         help="which servers to load",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
@@ -327,9 +329,11 @@ def main() -> None:
         Server(name, [python, "-m", "app"], {
             "PHOTOTAG_CHECKPOINT": str(checkpoint), "PHOTOTAG_HOST": "127.0.0.1",
             "PHOTOTAG_PORT": str(port := free_port()), "PHOTOTAG_LOG_LEVEL": "warning",
-            "PHOTOTAG_PEOPLE": people,
+            "PHOTOTAG_PEOPLE": people, "PHOTOTAG_REGIONS": regions,
         }, "/readyz", "/v1/tags", port)
-        for name, people in (("phototag", "on"), (PEOPLE_OFF, "off"))
+        for name, people, regions in (
+            ("phototag", "on", "4"), (PEOPLE_OFF, "off", "4"), (REGIONS_OFF, "on", "0"),
+        )
     ]  # fmt: skip
     servers = ours + [
         Server(name, [python, "bench/reference_server.py", "--style", style, "--port",

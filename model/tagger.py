@@ -39,14 +39,20 @@ from model.explain import (
     vocabulary_target,
     write_overlay,
 )
+from model.imageio import full_size
 from model.people import (
     PEOPLE,
+    PEOPLE_TAGS,
     PERSON_CATEGORIES,
     FaceDetector,
     people_tags,
     person_from_categories,
 )
+from model.people.names import NamedFace, Namer
 from model.preprocess import normalize, resize_and_crop
+from model.regions import DEFAULT as DEFAULT_REGIONS
+from model.regions import check as check_regions
+from model.regions import crop as crop_regions
 from model.runtime import Runtime, RuntimeChoice, create_runtime
 from model.tta import TTA
 from model.vocabulary import Vocabulary
@@ -66,17 +72,31 @@ class Prepared:
 
     pixels: torch.Tensor  # uint8 (3, crop, crop)
     people: tuple[Tag, ...] = ()  # people tags of the faces on it (none when people are off)
+    # its faces, named where a taught person is recognised, boxes in the photo as sent; None
+    # when names are off (model.people.names)
+    faces: tuple[NamedFace, ...] | None = None
+    size: tuple[int, int] | None = None  # (width, height) of the photo as sent, with faces
 
 
 def with_people(
     tags: list[Tag], people: Sequence[Tag], top_k: int, threshold: float | None
 ) -> list[Tag]:
-    """The other tags with the people tags, most probable first, at most ``top_k``. A people
-    tag's parents are implied: a "people" category tag beside them goes."""
+    """The other tags with the people tags, most probable first, at most ``top_k`` besides the
+    names of recognised people (``people/<name>``: each names a face, so none is left out). A
+    people tag's parents are implied: a "people" category tag beside them goes."""
     people = [t for t in people if threshold is None or t.probability >= threshold]
     implied = {p.path[:i] for p in people for i in range(1, len(p.path or ()))}
-    merged = [t for t in tags if t.path not in implied] + people
-    return sorted(merged, key=lambda t: -t.probability)[:top_k]
+    merged = sorted(
+        [t for t in tags if t.path not in implied] + people, key=lambda t: -t.probability
+    )
+    names = [t for t in merged[top_k:] if is_name(t)]
+    return sorted(merged[:top_k] + names, key=lambda t: -t.probability)
+
+
+def is_name(tag: Tag) -> bool:
+    """A recognised person's tag (path ``("people", name)``), not a face rule's."""
+    path = tag.path or ()
+    return len(path) == 2 and path[0] == PEOPLE and path[1] not in PEOPLE_TAGS
 
 
 @dataclass(frozen=True)
@@ -100,17 +120,21 @@ CUSTOM = "custom"  # the top of a custom tag's path: ("custom", name)
 class Scores:
     """What one forward pass gives for a batch (B, ...) or, after :meth:`unbind`, one photo."""
 
-    probabilities: torch.Tensor  # (B, num_classes) the classifier's, on the CPU
+    probabilities: torch.Tensor  # (B, num_classes) the classifier's on the whole photo, on the CPU
     custom: torch.Tensor  # (B, K) the custom tags', in the order of ``heads.names``
     features: torch.Tensor  # (B, F) the pooled features
     heads: CustomHeads  # the heads that scored ``custom`` (a swap later cannot mismatch them)
+    regions: torch.Tensor | None = None  # (B, R, num_classes) the classifier's on R regions
 
     def unbind(self, dim: int = 0) -> list[Scores]:
         """One :class:`Scores` per photo (what the batcher hands each request)."""
         assert dim == 0
+        regions = [None] * len(self.probabilities) if self.regions is None else self.regions
         return [
-            Scores(p, c, f, self.heads)
-            for p, c, f in zip(self.probabilities, self.custom, self.features, strict=True)
+            Scores(p, c, f, self.heads, r)
+            for p, c, f, r in zip(
+                self.probabilities, self.custom, self.features, regions, strict=True
+            )
         ]
 
 
@@ -126,9 +150,13 @@ class Tagger:
         runtime: Runtime,
         people: FaceDetector | None = None,
         space: Space | None = None,
+        regions: int = DEFAULT_REGIONS,
+        names: Namer | None = None,
     ) -> None:
         self.card: ModelCard = checkpoint.card
         self.people = people  # faces -> people tags; None: off
+        self.names = names  # faces -> taught names (people/<name> tags); None: off
+        self.regions = check_regions(regions)  # parts of each photo tagged beside the whole
         vocabulary = self.card.vocabulary
         self.vocabulary = (
             Vocabulary.from_dict(vocabulary, self.card.classes) if vocabulary else None
@@ -164,16 +192,20 @@ class Tagger:
         path: str | Path,
         choice: RuntimeChoice | None = None,
         people: FaceDetector | None = None,
+        regions: int = DEFAULT_REGIONS,
+        names: Namer | None = None,
     ) -> Tagger:
         """Read a checkpoint and put it on ``choice``'s runtime (default: the best this machine
         has, as ``PHOTOTAG_DEVICE``/``PHOTOTAG_BACKEND`` ``auto`` would choose); ``people``
-        adds people tags from the faces it finds."""
+        adds people tags from the faces it finds; ``regions`` (0 or 4; default: the server's)
+        tags that many parts of each photo beside the whole (:mod:`model.regions`); ``names``
+        (with ``people``) names the faces of people it was taught."""
         choice = choice or RuntimeChoice.resolve()
         checkpoint = load_checkpoint(path)
         net = checkpoint.build_model("cpu")
         space = Space.of(net)
         runtime = create_runtime(net, checkpoint.card.preprocess.crop, choice)
-        return cls(checkpoint, runtime, people, space)
+        return cls(checkpoint, runtime, people, space, regions, names)
 
     @property
     def card_name(self) -> str:
@@ -239,16 +271,35 @@ class Tagger:
     ) -> Prepared:
         """Photo bytes -> what :meth:`probabilities` and :meth:`tags` need of the photo: its
         pixels (:meth:`pixels`) and, when people tags are on, the people tags of the faces found
-        on the same decoded photo. Runs on threads beside the network, like :meth:`pixels`."""
+        on the same decoded photo (with names on, ``people/<name>`` for each face recognised,
+        and the faces). Runs on threads beside the network, like :meth:`pixels`."""
         image = self.photo(data, max_pixels=max_pixels, reducing_gap=reducing_gap)
-        people: tuple[Tag, ...] = ()
-        if self.people is not None:
-            faces = self.people.detect(image)
-            people = tuple(
-                Tag(t.label, t.probability, (PEOPLE, t.label))
-                for t in people_tags(faces, image.size)
-            )
-        return Prepared(self.crop(image), people)
+        if self.people is None:
+            return Prepared(self.views(image))
+        faces = self.people.detect(image)
+        people = tuple(
+            Tag(t.label, t.probability, (PEOPLE, t.label)) for t in people_tags(faces, image.size)
+        )
+        if self.names is None:
+            return Prepared(self.views(image), people)
+        size = full_size(image)
+        named = self.names.name(image, faces, size)
+        people += tuple(
+            Tag(f.name, f.probability, (PEOPLE, f.name))
+            for f in named
+            if f.name is not None and f.probability is not None
+        )
+        return Prepared(self.views(image), people, tuple(named), size)
+
+    def views(self, image: Image.Image) -> torch.Tensor:
+        """A decoded photo -> what the network reads of it: uint8 (3, crop, crop) (:meth:`crop`),
+        or, with regions, the whole photo and its regions (1 + R, 3, crop, crop)
+        (:func:`model.regions.crop`)."""
+        whole = self.crop(image)
+        if not self.regions:
+            return whole
+        parts = crop_regions(image, self.regions)
+        return torch.stack([whole, *(self.crop(part) for part in parts)])
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 pixels (normalised here, on the device) -> (B, num_classes)
@@ -257,11 +308,13 @@ class Tagger:
         return self.outputs(batch).probabilities
 
     def outputs(self, batch: torch.Tensor) -> Scores:
-        """(B, 3, H, W) uint8 pixels -> one forward pass's :class:`Scores`: the class
-        probabilities (as :meth:`probabilities`), every custom tag's (one (D, K) matrix
-        multiply over the batch) and the pooled features."""
+        """(B, 3, H, W) uint8 pixels, or (B, 1 + R, 3, H, W) with each photo's regions after it
+        (:meth:`views`) -> one forward pass's :class:`Scores`: the class probabilities (as
+        :meth:`probabilities`; the regions' apart), every custom tag's (one (D, K) matrix
+        multiply over the batch) and the pooled features, both of the whole photos."""
         heads = self.custom_heads  # read once: a swap during the pass waits for the next
-        batch = batch.to(self.device, non_blocking=True)
+        views = batch.shape[1] if batch.dim() == 5 else 0
+        batch = batch.to(self.device, non_blocking=True).flatten(0, 1 if views else 0)
         logits, features = self._run(normalize(batch, self.card.preprocess))
         logits = logits / self.card.temperature
         if self.card.task == "multi_label":
@@ -269,8 +322,13 @@ class Tagger:
         else:
             probabilities = torch.softmax(logits, dim=1).cpu()
         features = features.cpu()
+        regions = None
+        if views:  # (B * V, ...) -> the whole photos, and (B, R, C) their regions
+            probabilities = probabilities.unflatten(0, (-1, views))
+            probabilities, regions = probabilities[:, 0], probabilities[:, 1:]
+            features = features[::views]
         custom = heads.probabilities(probabilities, features)
-        return Scores(probabilities, custom, features, heads)
+        return Scores(probabilities, custom, features, heads, regions)
 
     def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The runtime's logits and features; with the card's TTA, the logits averaged over the
@@ -308,7 +366,7 @@ class Tagger:
         if view == "classes":
             return self._class_tags(probabilities, top_k, threshold)
         if self.vocabulary is not None:
-            rolled = self.vocabulary.roll_up(probabilities, self.card.task)
+            rolled = self.tag_probabilities(scores if scores is not None else probabilities)
             tags = [
                 Tag(s.label, s.probability, s.path)
                 for s in self.vocabulary.select(rolled, top_k, threshold)
@@ -323,6 +381,19 @@ class Tagger:
             wrong = self.suppressions.suppressed(scores.features)
             tags = [t for t in tags if t.label not in wrong] + self._custom_tags(scores, threshold)
         return with_people(tags, people, top_k, threshold)
+
+    def tag_probabilities(self, probabilities: torch.Tensor | Scores) -> torch.Tensor:
+        """One photo's vocabulary tag probabilities (T,): its classes' rolled up; given its
+        :class:`Scores` with regions, a tag is as probable as it is on the whole photo or on
+        its likeliest region (:mod:`model.regions`)."""
+        assert self.vocabulary is not None
+        scores = probabilities if isinstance(probabilities, Scores) else None
+        whole = scores.probabilities if scores is not None else probabilities
+        rolled = self.vocabulary.roll_up(whole, self.card.task)
+        if scores is None or scores.regions is None:
+            return rolled
+        regional = self.vocabulary.roll_up(scores.regions, self.card.task).amax(0)
+        return torch.maximum(rolled, regional)
 
     def _person_without_face(self, people: Sequence[Tag], rolled: torch.Tensor) -> Sequence[Tag]:
         """The people tags, with ``person`` from the classifier's categories where people tags
@@ -476,8 +547,9 @@ class Tagger:
         """Forward passes on blank batches (one per size: cuDNN picks its kernels per shape), so
         the first real requests pay no start-up cost."""
         crop = self.card.preprocess.crop
+        views = (1 + self.regions,) if self.regions else ()
         for size in batch_sizes:
-            self.probabilities(torch.zeros(size, 3, crop, crop, dtype=torch.uint8))
+            self.probabilities(torch.zeros(size, *views, 3, crop, crop, dtype=torch.uint8))
         log.info(
             "model %s version %s ready on %s (backend %s, %s)",
             self.card_name,

@@ -3,14 +3,18 @@
 // asks POST /v1/explain (Accept: image/png) why, and shows the heatmap over the photo (for a
 // people tag, the faces the detector found, boxed); clicking it again shows the photo. A tag can
 // be marked wrong (POST /v1/feedback), and a custom tag taught from photos
-// (POST /v1/custom-tags/NAME/examples), with its estimated precision and recall.
+// (POST /v1/custom-tags/NAME/examples), with its estimated precision and recall. Tags come in
+// the language chosen in the switch (first the browser's own, when the server has it), sent as
+// ?lang=; a tag's path stays its English id, what /v1/explain and /v1/feedback are given.
 "use strict";
 
 const KEY_STORAGE = "phototag.apiKey";
+const LANG_STORAGE = "phototag.lang";
 const PARALLEL = 4;
 
 const $ = (selector) => document.querySelector(selector);
 const modelSelect = $("#model");
+const langSelect = $("#lang");
 const keyInput = $("#api-key");
 const topK = $("#top-k");
 const drop = $("#drop");
@@ -49,8 +53,21 @@ async function loadModels() {
     ...listing.models.map((m, i) => new Option(`${m.id} (${m.name}, ${sizes[i]})`, m.id)),
   );
   modelSelect.value = listing.models.some((m) => m.id === previous) ? previous : listing.default;
+  showLanguages(listing.languages, listing.default_language);
   say("");
   loadCustomTags();
+}
+
+// The language switch: the one chosen before on this browser, else the first of the browser's
+// languages the server has labels for (de-AT counts as de), else the server's default.
+function showLanguages(languages, serverDefault) {
+  const codes = languages.map((l) => l.code);
+  const browser = (navigator.languages || [navigator.language || ""])
+    .map((l) => l.toLowerCase().split("-")[0])
+    .find((l) => codes.includes(l));
+  const stored = localStorage.getItem(LANG_STORAGE);
+  langSelect.replaceChildren(...languages.map((l) => new Option(`${l.name} (${l.code})`, l.code)));
+  langSelect.value = codes.includes(stored) ? stored : browser || serverDefault;
 }
 
 // What a model tags with: its vocabulary's tags over its classes ("522 tags (1000 classes)"), or,
@@ -67,7 +84,7 @@ async function modelSize(model) {
 // elsewhere (people/person from the face detector, custom/NAME), which a label could shadow.
 function explainParam(tag) {
   const path = tag.path || [tag.label];
-  return ["people", "custom"].includes(path[0]) ? path.join("/") : tag.label;
+  return ["people", "custom"].includes(path[0]) ? path.join("/") : path[path.length - 1];
 }
 
 function addCard(file) {
@@ -105,6 +122,7 @@ async function explainTag(card, item, file, model, tag) {
   const form = new FormData();
   form.append("file", file, file.name);
   const params = new URLSearchParams({ tag: explainParam(tag), model: model.id });
+  if (langSelect.value) params.set("lang", langSelect.value);
   try {
     const response = await fetch(`/v1/explain?${params}`, {
       method: "POST", body: form, headers: { ...authHeaders(), Accept: "image/png" },
@@ -208,8 +226,9 @@ async function markWrong(card, item, tag) {
   loadCustomTags();
 }
 
-function showTags(card, result, model, file) {
+function showTags(card, result, model, file, language) {
   const list = card.querySelector(".tags");
+  if (language) list.lang = language;  // the labels' language (CJK fonts, hyphenation)
   if (result.error) {
     card.classList.add("failed");
     card.querySelector(".state").textContent = result.error.message;
@@ -221,10 +240,10 @@ function showTags(card, result, model, file) {
     item.className = "tag";
     const percent = (tag.probability * 100).toFixed(1);
     item.innerHTML = '<span class="tag-name"><span class="tag-parents"></span><span class="tag-label"></span></span><span class="bar"><span></span></span><span class="tag-value"></span>';
-    const parents = (tag.path || []).slice(0, -1);
-    item.querySelector(".tag-parents").textContent = parents.map((p) => `${p} › `).join("");
+    const names = tag.path_labels || tag.path || [tag.label];  // in the tags' language
+    item.querySelector(".tag-parents").textContent = names.slice(0, -1).map((p) => `${p} › `).join("");
     item.querySelector(".tag-label").textContent = tag.label;
-    item.querySelector(".tag-name").title = (tag.path || [tag.label]).join(" › ");
+    item.querySelector(".tag-name").title = names.join(" › ");
     item.querySelector(".bar span").style.width = `${percent}%`;
     item.querySelector(".tag-value").textContent = `${percent}%`;
     item.dataset.probability = tag.probability;
@@ -250,6 +269,52 @@ function showTags(card, result, model, file) {
     item.append(wrong);
     return item;
   }));
+  if (result.faces && file) showFaces(card, result.faces, file);
+}
+
+// PHOTOTAG_NAMES=on: each face the server found, with its name, or a field to name it
+// (POST /v1/people/NAME/examples with the photo and the face's box); then the photo is tagged
+// again, so the name shows among its tags.
+function showFaces(card, faces, file) {
+  const list = Object.assign(document.createElement("ol"), { className: "faces" });
+  list.replaceChildren(...faces.map((face, i) => {
+    const item = Object.assign(document.createElement("li"), { className: "face" });
+    if (face.name) {
+      item.textContent = `face ${i + 1}: ${face.name} (${percent(face.probability)})`;
+      return item;
+    }
+    const form = document.createElement("form");
+    const input = Object.assign(document.createElement("input"), {
+      className: "face-name", placeholder: `face ${i + 1}: who is it?`, required: true,
+      pattern: "[A-Za-z0-9][A-Za-z0-9_\\-]{0,47}", title: "letters, digits, - or _",
+    });
+    const button = Object.assign(document.createElement("button"), { type: "submit", textContent: "Name" });
+    form.append(input, button);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      nameFace(card, face, file, input.value.trim());
+    });
+    item.append(form);
+    return item;
+  }));
+  card.querySelector(".faces")?.remove();
+  card.querySelector(".tags").after(list);
+}
+
+async function nameFace(card, face, file, name) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  form.append("box", [face.left, face.top, face.right, face.bottom].map((v) => v.toFixed(1)).join(","));
+  const response = await fetch(`/v1/people/${encodeURIComponent(name)}/examples`, {
+    method: "POST", body: form, headers: authHeaders(),
+  });
+  if (!response.ok) {
+    say(`Could not name the face: ${await errorText(response)}`, true);
+    return;
+  }
+  say(`Named ${name} on ${file.name}.`);
+  card.remove();
+  tagOne(file);
 }
 
 async function tagOne(file) {
@@ -259,6 +324,7 @@ async function tagOne(file) {
   form.append("file", file, file.name);
   const params = new URLSearchParams({ top_k: topK.value || "5" });
   if (modelSelect.value) params.set("model", modelSelect.value);
+  if (langSelect.value) params.set("lang", langSelect.value);
   try {
     const response = await fetch(`/v1/tags?${params}`, { method: "POST", body: form, headers: authHeaders() });
     if (!response.ok) {
@@ -266,7 +332,7 @@ async function tagOne(file) {
       return;
     }
     const body = await response.json();
-    showTags(card, body.results[0], body.model, file);
+    showTags(card, body.results[0], body.model, file, response.headers.get("Content-Language"));
   } catch (error) {
     showTags(card, { error: { message: `network error: ${error.message}` } });
   }
@@ -303,6 +369,7 @@ drop.addEventListener("keydown", (event) => {
 });
 
 modelSelect.addEventListener("change", loadCustomTags);
+langSelect.addEventListener("change", () => localStorage.setItem(LANG_STORAGE, langSelect.value));
 $("#teach-form").addEventListener("submit", teachTag);
 
 keyInput.value = localStorage.getItem(KEY_STORAGE) || "";

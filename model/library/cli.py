@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from model import regions
+from model.labels import ENGLISH, Labels, LabelsError
 from model.library import xmp
 from model.library.journal import Journal, JournalBusy
 from model.library.tagging import (
@@ -109,8 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--people",
         choices=["on", "off"],
         default=env("PEOPLE", "on"),
-        help="people tags from the face detector, about 40 ms of CPU per photo "
-        "(default: $PHOTOTAG_PEOPLE or on)",
+        help="people tags from the face detector (default: $PHOTOTAG_PEOPLE or on)",
+    )
+    tags.add_argument(
+        "--names",
+        choices=["on", "off"],
+        default=env("NAMES", "off"),
+        help="name the faces of people taught with phototag people add (people/<name> "
+        "keywords, MWG face regions; needs --people on; default: $PHOTOTAG_NAMES or off)",
+    )
+    tags.add_argument(
+        "--names-dir",
+        type=Path,
+        default=env("NAMES_DIR", None),
+        help="the names folder (default: $PHOTOTAG_NAMES_DIR, else names/ beside the checkpoint)",
+    )
+    tags.add_argument(
+        "--regions",
+        type=int,
+        choices=[0, 4],
+        default=int(env("REGIONS", str(regions.DEFAULT))),
+        help="parts of each photo tagged beside the whole: 4 or 0 (default: $PHOTOTAG_REGIONS "
+        "or 4)",
     )
     tags.add_argument(
         "--custom-tags",
@@ -118,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("CUSTOM_TAGS_DIR", None),
         help="the custom tags taught with phototag teach to tag with too (default: "
         "$PHOTOTAG_CUSTOM_TAGS_DIR, else custom-tags/ beside the checkpoint, if it exists)",
+    )
+    tags.add_argument(
+        "--lang",
+        default=env("LANG", None),
+        help="the language of the keywords and --out's labels: en, de, fr, es, it, pt, nl, pl, "
+        "ja, zh, ko, or one from --labels-dir (default: $PHOTOTAG_LANG or en); tag paths stay "
+        "in English in --out",
+    )
+    tags.add_argument(
+        "--labels-dir",
+        type=Path,
+        default=env("LABELS_DIR", None),
+        help="a folder of label files that change or add labels, as the server's (default: "
+        "$PHOTOTAG_LABELS_DIR)",
     )
     tags.add_argument(
         "--explain",
@@ -235,10 +271,14 @@ def _duration(seconds: float) -> str:
 
 class Committer:
     """Writes each finished photo's XMP, then records the batch in the journal: a photo counts
-    as done only once both are on disk."""
+    as done only once both are on disk. Every engine's rows come with English labels; here they
+    get the run's language (``--lang``): each tag's ``label`` in it and its ``path_labels``,
+    which the keywords are written with (its ``path`` stays the English id)."""
 
-    def __init__(self, args: argparse.Namespace, journal: Journal, task: str) -> None:
-        self.args, self.journal, self.task = args, journal, task
+    def __init__(
+        self, args: argparse.Namespace, journal: Journal, task: str, labels: Labels
+    ) -> None:
+        self.args, self.journal, self.task, self.labels = args, journal, task, labels
         self.summary = Summary()
 
     def commit(self, rows: list[dict]) -> int:
@@ -252,19 +292,35 @@ class Committer:
                 log.warning(
                     "%s: %s: %s", row["path"], row["error"]["code"], row["error"]["message"]
                 )
-            elif self.args.xmp != "none":
-                self._write_xmp(row)
+            else:
+                row["tags"] = self._in_language(row["tags"])
+                if self.args.xmp != "none":
+                    self._write_xmp(row)
             self.summary.tagged += row["status"] == TAGGED
             self.summary.removed += row["status"] == REMOVED
             record.append(row)
         self.journal.record(record, self.task)
         return len(rows)
 
+    def _in_language(self, tags: list[dict]) -> list[dict]:
+        """Every row has ``path_labels`` (in English: the path), so the file has one schema."""
+        language = self.args.lang or ENGLISH
+        return [
+            t
+            | {
+                "label": self.labels.label(t["path"], language),
+                "path_labels": self.labels.path_labels(t["path"], language),
+            }
+            for t in tags
+        ]
+
     def _write_xmp(self, row: dict) -> None:
         tags = None
         if row["status"] == TAGGED:
             model = f"{row['model']['name']} {row['model']['version']}"
-            tags = xmp.machine_tags((t["path"] for t in row["tags"]), self.args.root, model)
+            paths = (t.get("path_labels") or t["path"] for t in row["tags"])
+            regions, dimensions = _regions(row)
+            tags = xmp.machine_tags(paths, self.args.root, model, regions, dimensions)
         update = xmp.update_embedded if self.args.xmp == "embed" else xmp.update_sidecar
         try:
             row["xmp"] = update(row["path"], tags, self.args.root)
@@ -273,6 +329,15 @@ class Committer:
             row["xmp"] = {"error": {"code": exc.code, "message": exc.message}}
             self.summary.xmp_refused += 1
             log.warning("%s: %s: %s", row["path"], exc.code, exc.message)
+
+
+def _regions(row: dict) -> tuple[list[xmp.FaceRegion], tuple[int, int] | None]:
+    """A row's named faces as MWG regions, and the photo's dimensions (none without names)."""
+    if not row.get("faces") or not row.get("dimensions"):
+        return [], None
+    size = tuple(row["dimensions"])
+    named = [f for f in row["faces"] if f.get("name")]
+    return [xmp.FaceRegion.of(f["name"], f["box"], size) for f in named], size
 
 
 def default_journal(args: argparse.Namespace) -> Path:
@@ -322,15 +387,16 @@ def _configure_logging() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    labels = _labels(args)
     engine, model = _engine(args)
-    task = _task(args, model)
+    task = _task(args, model, labels)
     journal = Journal(args.journal or default_journal(args))
     key = hashlib.sha256(
         json.dumps([args.mode, sorted(map(os.path.abspath, args.paths)), task]).encode()
     ).hexdigest()[:16]
     if journal.begin(key, args.mode):
         log.info("resuming the interrupted run recorded in %s", journal.path)
-    committer = Committer(args, journal, task)
+    committer = Committer(args, journal, task, labels)
     todo = _listing(args, journal, task, committer.summary)
     progress = Progress(len(todo), args.progress)
     interrupted = False
@@ -377,15 +443,49 @@ def _listing(args: argparse.Namespace, journal: Journal, task: str, summary: Sum
     return todo
 
 
-def _task(args: argparse.Namespace, model: dict | None) -> str:
-    """What a finished row was made for: a change of any of these makes a photo new again."""
+def _task(args: argparse.Namespace, model: dict | None, labels: Labels) -> str:
+    """What a finished row was made for: a change of any of these makes a photo new again (the
+    language and its labels too; English, as before languages, adds nothing)."""
     if args.mode == "remove":
         return json.dumps(["remove", args.xmp, args.root])
     people = None if args.server else args.people
     custom = None if args.server else _custom_tag_names(args, model["id"])
-    return json.dumps(
-        [model["version"], args.top_k, args.threshold, people, args.xmp, args.root, custom]
-    )
+    task = [model["version"], args.top_k, args.threshold, people, args.xmp, args.root, custom]
+    if not args.server and args.names == "on":  # a newly taught face makes every photo new
+        task.append(["names", _names_taught(args)])
+    if not args.server and args.regions != 0:  # 0 was the only way before regions
+        task.append(["regions", args.regions])
+    language = args.lang or ENGLISH
+    if language != ENGLISH:
+        task.append([language, labels.digest(language)])
+    return json.dumps(task)
+
+
+def _labels(args: argparse.Namespace) -> Labels:
+    """Every language's labels (the shipped ones, --labels-dir's over them), once --lang is
+    known to be one of them."""
+    try:
+        labels = Labels.load(args.labels_dir)
+    except LabelsError as exc:
+        raise ConfigurationError(f"--labels-dir: {exc}") from None
+    if args.lang is not None and args.lang not in labels:
+        raise ConfigurationError(
+            f"--lang {args.lang}: no labels in that language; use one of "
+            f"{', '.join(labels.languages)}"
+        )
+    return labels
+
+
+def _names_folder(args: argparse.Namespace) -> Path:
+    from model.people.names import default_names_dir
+
+    return args.names_dir or default_names_dir(args.checkpoint.resolve().parent)
+
+
+def _names_taught(args: argparse.Namespace) -> dict[str, int]:
+    from model.people.names import NameStore
+
+    return NameStore(_names_folder(args)).counts()
 
 
 def _custom_tag_names(args: argparse.Namespace, model_id: str) -> list[str]:
@@ -447,6 +547,11 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigurationError("--engine ray tags with a checkpoint, not --server")
     if args.explain and args.server:
         raise ConfigurationError("--explain draws with a checkpoint's network, not --server")
+    if args.names == "on" and (args.people != "on" or args.server):
+        raise ConfigurationError(
+            "--names on names the faces the detector finds on this machine: it needs --people "
+            "on and no --server"
+        )
 
 
 def _custom_tags(args: argparse.Namespace) -> str | None:
@@ -464,7 +569,9 @@ def _options(args: argparse.Namespace) -> TaggingOptions:
             top_k=args.top_k,
             threshold=args.threshold,
             people=args.people == "on",
+            regions=args.regions,
             custom_tags=_custom_tags(args),
+            names=str(_names_folder(args)) if args.names == "on" else None,
             explain=str(args.explain.resolve()) if args.explain else None,
             max_pixels=args.max_pixels,
             reducing_gap=args.jpeg_reducing_gap,

@@ -5,9 +5,13 @@ temp file and a rename, from the journal's latest rows.
 A row: ``path``, ``size`` (bytes), ``mtime`` (UTC, ISO 8601) and ``mtime_ns``, ``sha256`` (of the
 file's bytes), ``status`` (``tagged``, ``error`` or ``removed``), ``model`` (``id``, ``name``,
 ``version``, as ``POST /v1/tags`` names it), ``tags`` (``label``, ``probability``, ``path``, most
-probable first), ``error`` (``code``, ``message``: why the photo was not tagged, or null) and
-``xmp`` (``path`` and ``action``, or ``error``, where the tags were written; null with
-``--xmp none``).
+probable first; ``label`` is in the ``--lang`` language and ``path_labels`` holds the path's
+labels in it, while ``path`` stays the English id), ``error`` (``code``, ``message``: why
+the photo was not tagged, or null) and ``xmp`` (``path`` and ``action``, or ``error``, where the
+tags were written; null with ``--xmp none``). With ``--names on`` a tagged row also has
+``faces`` (each face's ``box``, x0, y0, x1, y1 in the photo's pixels, ``score``, ``name`` or
+null, and the name's ``probability``; never a face descriptor) and ``dimensions`` (the photo's
+width and height).
 """
 
 from __future__ import annotations
@@ -60,7 +64,12 @@ def parquet_schema():
 
     error = pa.struct([("code", pa.string()), ("message", pa.string())])
     tag = pa.struct(
-        [("label", pa.string()), ("probability", pa.float64()), ("path", pa.list_(pa.string()))]
+        [
+            ("label", pa.string()),
+            ("probability", pa.float64()),
+            ("path", pa.list_(pa.string())),
+            ("path_labels", pa.list_(pa.string())),  # null in rows of older runs
+        ]
     )
     return pa.schema(
         [

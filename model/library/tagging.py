@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import regions
 from model.imageio import PhotoError, sniff_format
 from model.library.walk import Candidate
 from model.tagger import DEFAULT_MAX_PIXELS, DEFAULT_REDUCING_GAP, Prepared, Scores, Tag
@@ -47,7 +48,9 @@ class TaggingOptions:
     top_k: int = 5
     threshold: float | None = None
     people: bool = True  # PHOTOTAG_PEOPLE's default: the server's pipeline
+    regions: int = regions.DEFAULT  # PHOTOTAG_REGIONS's default
     custom_tags: str | None = None  # the custom-tag store to tag with (phototag teach's)
+    names: str | None = None  # the names folder to name faces with (needs people); None: off
     explain: str | None = None  # a folder for each photo's top-tag heatmap, for a review
     max_pixels: int = DEFAULT_MAX_PIXELS
     reducing_gap: float = DEFAULT_REDUCING_GAP
@@ -125,6 +128,17 @@ def make_row(item: Item, model: dict | None, tags: list[dict] | None, status: st
     }
 
 
+def face_fields(prepared: Prepared) -> dict:
+    """A row's faces, with names on: each face's box (x0, y0, x1, y1 in the photo's pixels),
+    score, name (or null) and the name's probability; and the photo's ``dimensions`` (width,
+    height) the boxes are in. Never a face descriptor."""
+    faces = [
+        {"box": list(f.box), "score": f.score, "name": f.name, "probability": f.probability}
+        for f in prepared.faces or ()
+    ]
+    return {"faces": faces, "dimensions": list(prepared.size or ())}
+
+
 class BatchTagger:
     """A checkpoint on this machine's runtime, with the face detector when people tags are on."""
 
@@ -140,7 +154,12 @@ class BatchTagger:
             options.device, options.backend, options.autocast, options.torch_threads
         )
         people = FaceDetector.load(choice) if options.people else None
-        self.tagger = Tagger.load(options.checkpoint, choice, people)
+        names = None
+        if options.names and people is not None:
+            from model.people.names import Embedder, Namer, NameStore
+
+            names = Namer(Embedder.load(choice), NameStore(options.names))
+        self.tagger = Tagger.load(options.checkpoint, choice, people, options.regions, names)
         self.model = model_ref(options.checkpoint, self.tagger.card_name, self.tagger.version)
         if options.custom_tags:
             from model.custom_tags import CustomTagStore
@@ -181,6 +200,8 @@ class BatchTagger:
                     p, self.options.top_k, self.options.threshold, "tags", item.prepared.people
                 )
                 rows.append(make_row(item, self.model, tag_dicts(tags), TAGGED))
+                if item.prepared.faces is not None:  # names on
+                    rows[-1] |= face_fields(item.prepared)
                 if self.options.explain:
                     self._explain(item, tags)
             else:

@@ -8,6 +8,13 @@ apps that read each:
 - ``lr:hierarchicalSubject`` (Bag): ``auto|animal|cat``, Lightroom and darktable;
 - ``digiKam:TagsList`` (Seq): ``auto/animal/cat``, digiKam and Immich.
 
+A named face (``phototag tag --names on``: path ``people/Alice``) is a keyword like any tag
+(``auto|people|Alice``) and also an MWG face region (``mwg-rs:Regions``: ``RegionList`` items
+with ``Name``, ``Type`` Face and the normalised centre and size ``Area``, and
+``AppliedToDimensions``), which Lightroom, digiKam, darktable and Immich read as people. The
+regions this module wrote are listed in ``phototag:regions`` and replaced on a re-run; a
+person's own regions are kept.
+
 Which entries are the machine's: hierarchical ones under the root, and the flat keywords this
 module added, listed in ``phototag:keywords`` (a flat keyword a person already had is never
 added, so never listed, so never removed). A re-run removes exactly those and writes the new
@@ -39,6 +46,10 @@ NS_DC = "http://purl.org/dc/elements/1.1/"
 NS_LR = "http://ns.adobe.com/lightroom/1.0/"
 NS_DIGIKAM = "http://www.digikam.org/ns/1.0/"
 NS_PHOTOTAG = "urn:phototag:xmp:1.0/"  # what this module wrote, to undo exactly that
+NS_MWG_RS = "http://www.metadataworkinggroup.com/schemas/regions/"
+NS_ST_AREA = "http://ns.adobe.com/xmp/sType/Area#"
+NS_ST_DIM = "http://ns.adobe.com/xap/1.0/sType/Dimensions#"
+REGION_LIST = "Regions/mwg-rs:RegionList"
 
 MAX_PACKET_BYTES = 4 * 1024 * 1024  # a sidecar of keywords and edits is kilobytes
 DEFAULT_ROOT = "auto"
@@ -55,17 +66,49 @@ class XmpError(Exception):
 
 
 @dataclass(frozen=True)
+class FaceRegion:
+    """A named face as an MWG region: its centre and size as fractions of the photo's."""
+
+    name: str
+    x: float  # centre, 0 (left) .. 1
+    y: float  # centre, 0 (top) .. 1
+    w: float
+    h: float
+
+    @classmethod
+    def of(cls, name: str, box: Sequence[float], size: Sequence[int]) -> FaceRegion:
+        """A face's box (x0, y0, x1, y1 in pixels) on a photo of ``size`` (width, height)."""
+        (x0, y0, x1, y1), (width, height) = box, size
+        return cls(name, (x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
+                   (x1 - x0) / width, (y1 - y0) / height)  # fmt: skip
+
+    @property
+    def key(self) -> str:
+        """How ``phototag:regions`` recognises a region this module wrote."""
+        return f"{self.name} {self.x:.4f} {self.y:.4f} {self.w:.4f} {self.h:.4f}"
+
+
+@dataclass(frozen=True)
 class MachineTags:
-    """One photo's tags as the three XMP keyword fields write them."""
+    """One photo's tags as the three XMP keyword fields write them, and its named faces."""
 
     flat: tuple[str, ...]  # dc:subject
     lightroom: tuple[str, ...]  # lr:hierarchicalSubject, "|"-separated, under the root
     digikam: tuple[str, ...]  # digiKam:TagsList, "/"-separated, under the root
     model: str  # "name version", for a person reading the file
+    regions: tuple[FaceRegion, ...] = ()  # mwg-rs:RegionList
+    dimensions: tuple[int, int] | None = None  # (width, height) the regions apply to
 
 
-def machine_tags(paths: Iterable[Sequence[str]], root: str, model: str) -> MachineTags:
-    """Tag paths (``("animal", "cat")``) -> the keywords to write, each once, in order."""
+def machine_tags(
+    paths: Iterable[Sequence[str]],
+    root: str,
+    model: str,
+    regions: Sequence[FaceRegion] = (),
+    dimensions: tuple[int, int] | None = None,
+) -> MachineTags:
+    """Tag paths (``("animal", "cat")``) -> the keywords to write, each once, in order; with
+    the named faces' ``regions`` on a photo of ``dimensions``."""
     flat: dict[str, None] = {}
     lightroom: dict[str, None] = {}
     digikam: dict[str, None] = {}
@@ -74,7 +117,9 @@ def machine_tags(paths: Iterable[Sequence[str]], root: str, model: str) -> Machi
         flat.update(dict.fromkeys(parts))
         lightroom["|".join([root, *(p.replace("|", " ") for p in parts)])] = None
         digikam["/".join([root, *(p.replace("/", " ") for p in parts)])] = None
-    return MachineTags(tuple(flat), tuple(lightroom), tuple(digikam), model)
+    return MachineTags(
+        tuple(flat), tuple(lightroom), tuple(digikam), model, tuple(regions), dimensions
+    )
 
 
 def _xmp():  # Exempi is loaded on first use: the server never needs it
@@ -92,6 +137,9 @@ def _xmp():  # Exempi is loaded on first use: the server never needs it
         ) from None
     XMPMeta.register_namespace(NS_DIGIKAM, "digiKam")
     XMPMeta.register_namespace(NS_PHOTOTAG, "phototag")
+    XMPMeta.register_namespace(NS_MWG_RS, "mwg-rs")
+    XMPMeta.register_namespace(NS_ST_AREA, "stArea")
+    XMPMeta.register_namespace(NS_ST_DIM, "stDim")
     return libxmp
 
 
@@ -170,6 +218,7 @@ def merge(meta, tags: MachineTags | None, root: str) -> None:
     old_root = meta.get_property(NS_PHOTOTAG, "root") if _has(meta, "root") else root
     roots = {root, old_root}
     added_before = set(_items(meta, NS_PHOTOTAG, "keywords"))
+    regions_before = set(_items(meta, NS_PHOTOTAG, "regions"))
     # everything of ours goes first and is set again last, in one order: a file is the same
     # however often it was rewritten (a resumed run rewrites what a killed one had written)
     for name in ("keywords", "root", "model"):
@@ -187,8 +236,66 @@ def merge(meta, tags: MachineTags | None, root: str) -> None:
     _set_items(meta, NS_LR, "hierarchicalSubject", lightroom, ordered=False)
     _set_items(meta, NS_DIGIKAM, "TagsList", digikam, ordered=True)
     _set_items(meta, NS_PHOTOTAG, "keywords", added, ordered=False)
+    regions = tags.regions if tags is not None else ()
+    _merge_regions(meta, regions_before, regions, tags.dimensions if tags is not None else None)
+    _set_items(meta, NS_PHOTOTAG, "regions", [r.key for r in regions], ordered=False)
     _set_or_delete(meta, "root", root if tags is not None else None)
     _set_or_delete(meta, "model", tags.model if tags is not None else None)
+
+
+def _merge_regions(
+    meta, ours_before: set[str], regions: Sequence[FaceRegion], dimensions: tuple[int, int] | None
+) -> None:
+    """Remove the face regions an earlier run wrote (their keys in ``ours_before``), then add
+    ``regions``; a person's regions, and every other field of the regions, stay."""
+    count = meta.count_array_items(NS_MWG_RS, REGION_LIST) if _has_regions(meta) else 0
+    for i in range(count, 0, -1):  # from the end: deleting shifts the later items
+        if _region_key(meta, i) in ours_before:
+            meta.delete_property(NS_MWG_RS, f"{REGION_LIST}[{i}]")
+    if regions and dimensions is not None:
+        dims = "Regions/mwg-rs:AppliedToDimensions"
+        if not meta.does_property_exist(NS_MWG_RS, dims):
+            for field, value in zip(("w", "h", "unit"), (*dimensions, "pixel"), strict=True):
+                meta.set_property(NS_MWG_RS, f"{dims}/stDim:{field}", str(value))
+    for region in regions if dimensions is not None else ():
+        meta.append_array_item(
+            NS_MWG_RS,
+            REGION_LIST,
+            None,
+            {"prop_value_is_array": True, "prop_array_is_unordered": True},
+            prop_value_is_struct=True,
+        )
+        item = f"{REGION_LIST}[{meta.count_array_items(NS_MWG_RS, REGION_LIST)}]"
+        meta.set_property(NS_MWG_RS, f"{item}/mwg-rs:Name", region.name)
+        meta.set_property(NS_MWG_RS, f"{item}/mwg-rs:Type", "Face")
+        area = {"x": region.x, "y": region.y, "w": region.w, "h": region.h}
+        for field, value in area.items():
+            meta.set_property(NS_MWG_RS, f"{item}/mwg-rs:Area/stArea:{field}", f"{value:.6f}")
+        meta.set_property(NS_MWG_RS, f"{item}/mwg-rs:Area/stArea:unit", "normalized")
+    if _has_regions(meta) and not meta.count_array_items(NS_MWG_RS, REGION_LIST):
+        meta.delete_property(NS_MWG_RS, "Regions")  # no region left: nothing they apply to
+
+
+def _has_regions(meta) -> bool:
+    return meta.does_property_exist(NS_MWG_RS, REGION_LIST)
+
+
+def _region_key(meta, index: int) -> str | None:
+    """The :attr:`FaceRegion.key` of a RegionList item, None where it is no such face."""
+    item = f"{REGION_LIST}[{index}]"
+
+    def get(path: str) -> str | None:
+        exists = meta.does_property_exist(NS_MWG_RS, f"{item}/{path}")
+        return meta.get_property(NS_MWG_RS, f"{item}/{path}") if exists else None
+
+    area = [get(f"mwg-rs:Area/stArea:{field}") for field in "xywh"]
+    name = get("mwg-rs:Name")
+    if name is None or None in area:
+        return None
+    try:
+        return FaceRegion(name, *(float(v) for v in area)).key
+    except ValueError:
+        return None
 
 
 def _has(meta, name: str) -> bool:

@@ -67,7 +67,8 @@ def test_json_gives_the_tag_its_probability_a_normalised_grid_and_where_it_lies(
 
 
 def test_without_a_tag_the_top_tag_is_explained(client_for, vocabulary_checkpoint):
-    client = client_for(vocabulary_checkpoint)
+    # the whole photo's top tag: an explanation reads the whole photo, not its regions
+    client = client_for(vocabulary_checkpoint, regions=0)
     [top, *_] = tags_of(client)
     body = explain(client).json()
     assert body["tag"]["label"] == top["label"]
@@ -444,3 +445,21 @@ def test_the_contract_documents_the_faces_answer(client):
     assert {"tag", "method", "width", "height", "faces"} <= set(people["required"])
     face = spec["components"]["schemas"]["FaceBox"]["properties"]
     assert set(face) == {"left", "top", "right", "bottom", "score"}
+
+
+def test_a_person_with_no_face_is_explained_by_the_category_that_showed_it(client_for, tmp_path):
+    # every class is sport: the classifier sees what people do on any photo, and no face is on it
+    vocabulary = {
+        "name": "all-sport",
+        "tags": [{"label": "sport", "path": ["sport"], "threshold": 0.5, "classes": TINY_CLASSES}],
+        "hidden": [],
+    }
+    client = client_for(write_tiny_checkpoint(tmp_path / "s.safetensors", vocabulary=vocabulary))
+    [person] = [t for t in tags_of(client) if t["label"] == "person"]
+    assert person["path"] == ["people", "person"]
+    body = explain(client, "?tag=person").json()
+    assert body["tag"] == {**person, "probability": pytest.approx(person["probability"], abs=1e-4)}
+    assert body["via"]["label"] == "sport" and body["method"] == "hirescam" and body["grid"]
+    r = explain(client, "?tag=people/person", accept="image/png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert (r.headers["X-Tag"], r.headers["X-Via"]) == ("person", "sport")

@@ -84,6 +84,8 @@ def test_a_broken_file_beside_good_ones_is_skipped(client_for, models_dir):
 
 def test_the_single_checkpoint_setting_still_serves_alone(client, tiny_checkpoint):
     listing = client.get("/v1/models").json()
+    # the label languages (tests/app/test_language.py)
+    assert listing.pop("default_language") == "en" and listing.pop("languages")[0]["code"] == "en"
     assert listing == {
         "default": "tiny",
         "models": [

@@ -39,6 +39,20 @@ def test_a_bad_environment_value_names_the_variable(monkeypatch):
         get_settings.cache_clear()
 
 
+@pytest.mark.parametrize(("value", "expected"), [("4", 4), ("0", 0)])
+def test_regions_are_read_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("PHOTOTAG_REGIONS", value)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().regions == expected
+        monkeypatch.setenv("PHOTOTAG_REGIONS", "3")
+        get_settings.cache_clear()
+        with pytest.raises(ConfigError, match=r"PHOTOTAG_REGIONS=3: .*0 or 4"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+
+
 def test_log_level_is_read_in_any_case():
     assert Settings(log_level="WARNING").log_level == "warning"
 

@@ -57,7 +57,11 @@ def schemathesis(
         # KEY is also an admin key, so that the routes that change tags are exercised too (a
         # plain key's 403 there is tested in tests/app/test_custom_tags.py).
         pytest.param(
-            {"PHOTOTAG_API_KEYS": "another-key", "PHOTOTAG_ADMIN_KEYS": KEY},
+            {
+                "PHOTOTAG_API_KEYS": "another-key",
+                "PHOTOTAG_ADMIN_KEYS": KEY,
+                "PHOTOTAG_NAMES": "on",
+            },
             [f"X-API-Key: {KEY}", f"Authorization: Bearer {KEY}"],
             id="keys",
         ),

@@ -18,6 +18,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
+from model import vocabulary
 from tests.helpers import TINY_CLASSES, photo_bytes, write_tiny_checkpoint
 from tests.model.test_vocabulary import TREE
 
@@ -354,8 +355,9 @@ def test_the_default_model_says_its_tags_and_classes_and_a_person_click_shows_th
         options = page.eval_on_selector_all(
             "#model option", "os => Object.fromEntries(os.map(o => [o.value, o.textContent]))"
         )
-        # the shipped vocabulary: 522 tags over the network's 1000 ImageNet classes
-        assert options["default"].endswith(", 522 tags (1000 classes))"), options
+        # the shipped vocabulary's tags over the network's 1000 ImageNet classes
+        tags = len(vocabulary.shipped()["tags"])
+        assert options["default"].endswith(f", {tags} tags (1000 classes))"), options
         assert options["pets"] == "pets (pets-v1, 3 tags)"  # no vocabulary: its classes
         page.set_input_files("#files", str(astronaut(tmp_path)))
         page.wait_for_selector(".result .tag")
@@ -363,3 +365,36 @@ def test_the_default_model_says_its_tags_and_classes_and_a_person_click_shows_th
         why = click_tag(page, ["people", "person"])
         assert why.startswith("the face the detector found"), why
         page.screenshot(path=str(screenshot_path(tmp_path, "people_click.png")), full_page=True)
+
+
+def test_the_page_follows_the_browsers_language_and_offers_a_switch(browser, tmp_path):
+    """Issue 28: a German browser gets German tags (their parents too), clicking one still
+    explains it; the switch lists the served languages, and its choice is kept."""
+    from model.vocabulary import Vocabulary
+
+    models = tmp_path / "models"
+    paths = {"red": "animal/cat", "green": "animal/dog", "blue": "food/fruit/banana"}
+    vocabulary = Vocabulary.from_paths(paths, TINY_CLASSES).to_dict()
+    every = {**vocabulary, "tags": [{**t, "threshold": 0.0} for t in vocabulary["tags"]]}
+    write_tiny_checkpoint(models / "default.safetensors", vocabulary=every)
+    with Server(Settings(models_dir=models, device="cpu", people="off")) as server:
+        page = browser.new_page(locale="de-AT")
+        page.goto(server.url + "/")
+        page.wait_for_selector("#lang option[value='ja']", state="attached")
+        assert page.input_value("#lang") == "de"
+        assert "Deutsch (de)" in page.inner_text("#lang")
+        page.set_input_files("#files", str(photos(tmp_path)[0]))
+        page.wait_for_function("document.querySelectorAll('.result .tag').length === 3")
+        names = {e.inner_text() for e in page.query_selector_all(".result .tag-name")}
+        assert names == {"Tier \u203a Katze", "Tier \u203a Hund", "Essen \u203a Obst \u203a Banane"}
+        assert page.get_attribute(".result .tags", "lang") == "de"
+        page.click(".result .tag")  # explained by its English id, whatever the label
+        page.wait_for_selector(".thumb img.heatmap")
+        page.select_option("#lang", "en")
+        page.reload()  # the choice is kept
+        page.wait_for_selector("#lang option[value='ja']", state="attached")
+        assert page.input_value("#lang") == "en"
+        page.set_input_files("#files", str(photos(tmp_path)[1]))
+        page.wait_for_function("document.querySelectorAll('.result .tag').length === 3")
+        labels = {e.inner_text() for e in page.query_selector_all(".result .tag-label")}
+        assert labels == {"cat", "dog", "banana"}

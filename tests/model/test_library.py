@@ -626,3 +626,84 @@ def test_explain_writes_each_photos_top_tag_heatmap_for_a_review(tmp_path):
             assert overlay.size == original.size
     remote = [str(library), "--server", "http://127.0.0.1:9", "--explain", str(review)]
     assert main([*remote, "--xmp", "none", "--out", str(tmp_path / "r.jsonl")]) == 2
+
+
+# ---- keywords in the user's language (--lang)
+
+
+def animals_checkpoint(path: Path) -> Path:
+    """The tiny classes as three tags of the shipped vocabulary, which the label files know."""
+    from model.vocabulary import Vocabulary
+    from tests.helpers import TINY_CLASSES
+
+    paths = {"red": "animal/cat", "green": "animal/dog", "blue": "food/fruit/banana"}
+    vocabulary = Vocabulary.from_paths(paths, TINY_CLASSES).to_dict()
+    return write_tiny_checkpoint(path, vocabulary=vocabulary)
+
+
+def test_keywords_written_in_german_read_back_with_exiftool_and_another_language_rewrites_them(
+    tmp_path, capsys
+):
+    checkpoint = animals_checkpoint(tmp_path / "animals.safetensors")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "IMG_1.jpg").write_bytes(photo_bytes())
+    sidecar = lib / "IMG_1.jpg.xmp"
+    out = tmp_path / "tags.jsonl"
+    every = ["--threshold", "0", "--people", "off", "--out", out]  # all three leaves
+    assert tag(lib, "--lang", "de", *every, checkpoint=checkpoint) == 0
+    meta = exiftool(sidecar)
+    assert sorted(as_list(meta["XMP-lr:HierarchicalSubject"])) == [
+        "auto|Essen|Obst|Banane",
+        "auto|Tier|Hund",
+        "auto|Tier|Katze",
+    ]
+    assert sorted(as_list(meta["XMP-digiKam:TagsList"])) == [
+        "auto/Essen/Obst/Banane",
+        "auto/Tier/Hund",
+        "auto/Tier/Katze",
+    ]
+    assert sorted(as_list(meta["XMP-dc:Subject"])) == sorted(
+        ["Tier", "Katze", "Hund", "Essen", "Obst", "Banane"]
+    )
+    [row] = rows_of(out)
+    cat = next(t for t in row["tags"] if t["path"] == ["animal", "cat"])  # the id: English
+    assert cat["label"] == "Katze" and cat["path_labels"] == ["Tier", "Katze"]
+
+    # the language is part of what a photo was tagged for: French makes it new again
+    capsys.readouterr()
+    assert tag(lib, "--lang", "fr", *every, checkpoint=checkpoint) == 0
+    assert "1 tagged" in capsys.readouterr().err.splitlines()[-1]
+    meta = exiftool(sidecar)
+    assert "auto|animal|chat" in as_list(meta["XMP-lr:HierarchicalSubject"])
+    assert not {"Tier", "Katze"} & set(as_list(meta["XMP-dc:Subject"]))  # German is gone
+    assert tag(lib, "--lang", "fr", *every, checkpoint=checkpoint) == 0
+    assert "0 tagged" in capsys.readouterr().err.splitlines()[-1]
+
+    # and English, the default, is as before languages: the path's own words
+    assert tag(lib, *every, checkpoint=checkpoint) == 0
+    assert "auto|animal|cat" in as_list(exiftool(sidecar)["XMP-lr:HierarchicalSubject"])
+    [row] = rows_of(out)
+    assert all(t["label"] == t["path"][-1] and t["path_labels"] == t["path"] for t in row["tags"])
+
+
+def test_lang_defaults_to_phototag_lang_and_an_unknown_one_is_a_usage_error(
+    tmp_path, monkeypatch, capsys
+):
+    checkpoint = animals_checkpoint(tmp_path / "animals.safetensors")
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(photo_bytes())
+    out = tmp_path / "tags.parquet"
+    monkeypatch.setenv("PHOTOTAG_LANG", "ja")
+    args = ["--xmp", "none", "--threshold", "0", "--people", "off", "--out", out]
+    assert tag(photo, *args, checkpoint=checkpoint) == 0
+    [row] = rows_of(out)  # Parquet: the labels have their column
+    cat = next(t for t in row["tags"] if t["path"] == ["animal", "cat"])
+    assert (cat["label"], cat["path_labels"]) == ("猫", ["動物", "猫"])
+    assert tag(photo, *args, "--lang", "tlh", checkpoint=checkpoint) == 2
+    assert "--lang tlh: no labels in that language; use one of en, de," in capsys.readouterr().err
+    bad = tmp_path / "labels"
+    bad.mkdir()
+    (bad / "de.json").write_text("{")
+    assert tag(photo, *args, "--labels-dir", bad, checkpoint=checkpoint) == 2
+    assert f"--labels-dir: {bad / 'de.json'}: not JSON" in capsys.readouterr().err
