@@ -286,10 +286,13 @@ async def explain_photo(
 def people_tag(tag: str | None, tagger: Tagger, view: View) -> str | None:
     """The label of the people tag ``tag`` asks for, by its path (``people/person``) or by its
     label alone (``person``) where the model has no tag of that name (the model's own tags come
-    first); None for any other tag."""
+    first); with names on, a taught name by its path (``people/Alice``); None for any other
+    tag."""
     if tag is None or view == "classes":  # the raw classes have no people tags, as in /v1/tags
         return None
     parent, _, label = tag.rpartition("/")
+    if parent == PEOPLE and label not in PEOPLE_TAGS and tagger.names is not None:
+        return label  # a name: its faces answer (none where the photo does not show them)
     if label not in PEOPLE_TAGS or parent not in ("", PEOPLE):
         return None
     if not parent:
@@ -316,9 +319,16 @@ def _faces(tagger: Tagger, image: Image.Image, label: str, png: bool) -> _Found:
     face's box drawn when it is wanted."""
     assert tagger.people is not None
     faces = tagger.people.detect(image)
-    tags = {t.label: t.probability for t in people_tags(faces, image.size)}
+    if label in PEOPLE_TAGS:
+        tags = {t.label: t.probability for t in people_tags(faces, image.size)}
+        probability = tags.get(label, 0.0)
+    else:  # a taught name: only the face it names, with its probability
+        assert tagger.names is not None
+        named = tagger.names.name(image, faces)
+        faces = [f for f, n in zip(faces, named, strict=True) if n.name == label]
+        probability = max((n.probability or 0.0 for n in named if n.name == label), default=0.0)
     drawn = explain.faces_png(image, [f.box for f in faces], OVERLAY_MAX_SIDE) if png else None
-    return _Found(label, tags.get(label, 0.0), faces, drawn)
+    return _Found(label, probability, faces, drawn)
 
 
 def _person_without_face(tagger: Tagger, image: Image.Image, png: bool) -> _Done | None:

@@ -186,3 +186,26 @@ def test_an_unusable_names_folder_is_a_503_naming_the_setting(names_client, tmp_
     assert r.status_code == 503 and r.json()["error"]["code"] == "names_unavailable"
     assert "PHOTOTAG_NAMES_DIR" in r.json()["error"]["message"]
     assert names_in(result_of(client, jpeg(ASTRONAUT))) == []  # tagging works as before
+
+
+def test_explaining_a_name_draws_the_face_it_names_and_only_that_one(names_client):
+    client = names_client()
+    assert teach(client, "Eileen", jpeg(ASTRONAUT)).status_code == 200
+    both = jpeg(side_by_side(ImageOps.mirror(ASTRONAUT), CAMERAMAN))
+    named = result_of(client, both)
+    tag = next(t for t in named["tags"] if t["label"] == "Eileen")
+    r = client.post("/v1/explain?tag=people/Eileen", files={"file": ("b.jpg", both)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["method"] == "faces" and body["tag"]["path"] == ["people", "Eileen"]
+    assert body["tag"]["probability"] == pytest.approx(tag["probability"], abs=1e-4)
+    [face] = body["faces"]  # hers, on the left; not the cameraman's
+    assert face["right"] <= ASTRONAUT.width
+    png = client.post(
+        "/v1/explain?tag=people/Eileen",
+        files={"file": ("b.jpg", both)},
+        headers={"Accept": "image/png"},
+    )
+    assert png.status_code == 200 and png.headers["X-Faces"] == "1"
+    nobody = client.post("/v1/explain?tag=people/Nobody", files={"file": ("b.jpg", both)})
+    assert nobody.status_code == 200 and nobody.json()["faces"] == []
