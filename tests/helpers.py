@@ -6,8 +6,10 @@ Fixtures that use these live in ``conftest.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -114,6 +116,14 @@ def shared_data(name: str) -> Path:
             f"needs the real photo set {path} (../shared/data beside the repo), absent here"
         )
     return path
+
+
+def tool(name: str) -> ModuleType:
+    """A script of tools/ (``convert_yunet_weights``, ...) as a module: tools/ is no package."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_tagger(

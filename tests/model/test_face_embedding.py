@@ -4,11 +4,9 @@ dlib's own pipeline (``tests/data/dlib_face_reference.json``, made by
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -35,18 +33,11 @@ from model.people.embedding import (
     similarity_transform,
 )
 from model.runtime import RuntimeChoice
+from tests.helpers import tool
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = json.loads((REPO / "tests" / "data" / "dlib_face_reference.json").read_text())
 CASES = {case["photo"]: case for case in FIXTURE["cases"]}
-
-
-def tool(name: str) -> ModuleType:
-    """A script of tools/ as a module (tools/ is no package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

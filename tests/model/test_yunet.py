@@ -4,12 +4,10 @@ hand-made maps."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -28,17 +26,10 @@ from model.people.yunet import (
     prepare_input,
     to_original,
 )
+from tests.helpers import tool
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "data" / "yunet_reference.json"
-
-
-def tool(name: str) -> ModuleType:
-    """A script of tools/ as a module (tools/ is no package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
