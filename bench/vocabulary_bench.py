@@ -1,25 +1,26 @@
-"""The default tagger's tags with and without its vocabulary, on labelled real photos; and the
-fit of the vocabulary's thresholds.
+"""The default tagger's tags, as the server computes them (the whole photo and its regions),
+with and without its vocabulary, on labelled real photos; and the fit of the thresholds.
 
-    .venv/bin/python bench/vocabulary_bench.py                # measure (about 2 minutes)
-    .venv/bin/python bench/vocabulary_bench.py --fit          # fit thresholds, then measure
+    .venv/bin/python bench/vocabulary_bench.py                # measure (about 4 minutes)
+    .venv/bin/python bench/vocabulary_bench.py --fit --cache /tmp/vcache.pt   # fit, measure
 
 Photo sets (``../shared/data``; a set that is absent is skipped with a message): ants-bees
 (ImageNet's own ant and bee), CIFAR-10 (``--cifar-per-class`` photos of each class, 32 px, so
-hard for an ImageNet network) and indoor-multilabel (rooms, several objects each, annotated
-only in part). Each photo's truth is a set of vocabulary tags; a returned tag is right when it
-gathers one of the classes those tags gather (so "animal" is right for an ant photo, and "owl"
-for a CIFAR "bird", which names no species).
+hard for an ImageNet network), indoor-multilabel (rooms, several objects each, annotated only in
+part) and coco-dev (real everyday photos, judged by bench/tags_bench.py's word list). For the
+first three a returned tag is right when it gathers one of the classes of the photo's truth tags
+(so "animal" is right for an ant photo, and "owl" for a CIFAR "bird", which names no species).
 
 Reported per set: precision (right tags / returned tags), coverage (photos with a tag), tags per
 photo, and whether the first tag is right; for the vocabulary (each tag's own threshold) and
 for the raw classes as the API returned them before (top 5, threshold 0) and at 0.5.
 
-``--fit`` fits every tag's threshold to ``--precision``, none below ``--floor``, on every other
-photo of each set (:func:`model.vocabulary.fit_thresholds`), writes them to
+``--fit`` fits every tag's threshold on every other photo of FIT_SETS, each set weighing its
+share, to ``--precision`` (``--category-precision`` for a bare category), none below ``--floor``
+(:func:`model.vocabulary.fit_rolled_thresholds`), and writes them to
 ``tools/vocabulary/thresholds.json`` (``tools/vocabulary/build.py`` reads it) and into
 ``model/vocabularies/imagenet.json``. Every measurement is on the other photos of each set,
-which the fit never sees.
+which the fit never sees. ``--cache`` keeps the network's outputs, so a refit takes seconds.
 """
 
 from __future__ import annotations
@@ -176,9 +177,9 @@ def rights(v: vocab.Vocabulary, labels: list) -> torch.Tensor:
 
 def report(v: vocab.Vocabulary, rolled: torch.Tensor, right: torch.Tensor) -> dict:
     """The vocabulary's tags (each at its own threshold) on served tag probabilities."""
+    index = {tag.label: t for t, tag in enumerate(v.tags)}
     verdicts = []
     for probabilities, ok in zip(rolled, right, strict=True):
-        index = {tag.label: t for t, tag in enumerate(v.tags)}
         verdicts.append([bool(ok[index[s.label]]) for s in v.select(probabilities, 5)])
     return vocab.summarise(verdicts)
 
