@@ -96,11 +96,12 @@ class CustomTagInfo(BaseModel):
     )
     backbone: str = Field(description="The model version its examples were computed with.")
     space: str = Field(
-        description="What its head reads: sqrt_probabilities+features (the class probabilities "
-        "and the pooled features, where the network gives them), or sqrt_probabilities (other "
-        "networks, and tags kept without features: phototag teach --refit reads their photos "
-        "again).",
-        examples=["sqrt_probabilities+features"],
+        description="What its head reads: sqrt_probabilities+features+mid (the class "
+        "probabilities, the pooled and the mid-level features: EfficientNet-Lite), "
+        "sqrt_probabilities+features (other EfficientNets) or sqrt_probabilities (other "
+        "networks). A tag kept before its model's heads read all that is served as it was; "
+        "phototag teach --refit reads its photos again.",
+        examples=["sqrt_probabilities+features+mid"],
     )
     created_at: str
     updated_at: str

@@ -61,7 +61,64 @@ def photo_sets(per_cifar_class: int) -> dict[str, list[Path]]:
     root = DATA / "indoor-multilabel"
     sets["kitchen"] = [root / r["path"] for r in rows if KITCHEN & set(r["tags"])]
     sets["indoor-other"] = [root / r["path"] for r in rows if not KITCHEN & set(r["tags"])]
+    sets["coco"] = [DATA / "coco-dev" / r["file"] for r in coco_rows()]
     return sets
+
+
+def coco_rows() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "coco-dev/manifest.jsonl").open()]
+
+
+# Scenes: coco-dev's photos by their stuff labels (a background covering at least 5% of the
+# photo) and things, and the indoor photos, in one pool: coco-dev, then kitchen, then
+# indoor-other (the indoor photos are all indoors, none shows sky, tree, grass or a street).
+SCENE_SETS = ("coco",)
+INDOOR_STUFF = {"ceiling", "floor", "floor-wood", "wall", "wall-tile", "wall-brick", "cabinet",
+                "counter", "rug", "curtain", "shelf"}  # fmt: skip
+KITCHEN_THINGS = {"oven", "refrigerator", "sink", "microwave"}
+SCENES = {
+    "sky": lambda stuff, things: "sky" in stuff,
+    "tree": lambda stuff, things: "tree" in stuff,
+    "grass": lambda stuff, things: "grass" in stuff,
+    "street": lambda stuff, things: bool(stuff & {"road", "pavement"}) and not stuff & INDOOR_STUFF,
+    "indoors": lambda stuff, things: bool(stuff & INDOOR_STUFF) and "sky" not in stuff,
+    "kitchen": lambda stuff, things: bool(things & KITCHEN_THINGS),
+}
+INDOOR_SCENES = {"indoors": ("kitchen", "indoor-other"), "kitchen": ("kitchen",)}
+
+
+def scene_pool(encoded: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The scene pool's photos {p, f, m} and each scene's (N,) bool labels."""
+    order = ["coco", "kitchen", "indoor-other"]
+    pool = {n: torch.cat([encoded[name][n] for name in order]) for n in "pfm"}
+    rows = coco_rows()
+    labels = {}
+    for scene, rule in SCENES.items():
+        row_labels = [rule(set(r["stuff"]), set(r["things"])) for r in rows]
+        for name in order[1:]:
+            row_labels += [name in INDOOR_SCENES.get(scene, ())] * len(encoded[name]["p"])
+        labels[scene] = torch.tensor(row_labels)
+    return pool, labels
+
+
+def measure_scene(pool: dict, truth: torch.Tensor, k: int, variant: str, users: int,
+                  repeats: int, space: Space) -> list[float]:  # fmt: skip
+    """A scene tag taught from k of its photos (and ``users`` negatives of the pool's others),
+    tested on the rest of the pool."""
+    results = []
+    for seed in range(repeats):
+        rng = random.Random(seed)
+        positives = truth.nonzero().flatten().tolist()
+        negatives = (~truth).nonzero().flatten().tolist()
+        rng.shuffle(positives)
+        rng.shuffle(negatives)
+        take = lambda idx: {n: pool[n][torch.tensor(idx, dtype=torch.long)] for n in "pfm"}  # noqa: E731
+        test = positives[k:] + negatives[users:]
+        scores, threshold = scores_of(
+            variant, take(positives[:k]), take(negatives[:users]), take(test), None, space
+        )
+        results.append(precision_recall_f1(scores >= threshold, truth[test]))
+    return [statistics.mean(r[i] for r in results) for i in range(3)]
 
 
 def encode(tagger: Tagger, sets: dict[str, list[Path]], cache: Path | None) -> dict:
@@ -69,13 +126,15 @@ def encode(tagger: Tagger, sets: dict[str, list[Path]], cache: Path | None) -> d
         return torch.load(cache, weights_only=True)
     out = {}
     for name, paths in sets.items():
-        probabilities, features = [], []
+        parts = {"p": [], "f": [], "m": []}
         for i in range(0, len(paths), 16):
             pixels = torch.stack([tagger.pixels(p.read_bytes()) for p in paths[i : i + 16]])
             scores = tagger.outputs(pixels)
-            probabilities.append(scores.probabilities)
-            features.append(scores.features)
-        out[name] = {"p": torch.cat(probabilities), "f": torch.cat(features)}
+            for key, part in zip(
+                "pfm", (scores.probabilities, scores.features, scores.mid), strict=True
+            ):
+                parts[key].append(part)
+        out[name] = {key: torch.cat(part) for key, part in parts.items()}
         print(f"  encoded {name}: {len(paths)} photos", file=sys.stderr)
     if cache:
         torch.save(out, cache)
@@ -106,14 +165,14 @@ def concept_view(encoded: dict, concept: str, classes: list[str], space: Space):
     view = {}
     for name, v in encoded.items():
         p = v["p"][:, keep]
-        view[name] = {"p": p / p.sum(1, keepdim=True), "f": v["f"]}
+        view[name] = {"p": p / p.sum(1, keepdim=True), "f": v["f"], "m": v["m"]}
     if space.directions is not None:
-        space = Space(space.center, space.directions[keep])
+        space = Space(space.center, space.directions[keep], space.mid_center)
     return key, view, space
 
 
 def examples(photos: dict) -> Examples:
-    return Examples(photos["p"], photos["f"])
+    return Examples(photos["p"], photos["f"], photos["m"])
 
 
 def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor, space: Space):
@@ -127,9 +186,15 @@ def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor, space: Sp
     builtin = not variant.endswith("only")
     if variant.endswith("probabilities"):
         space = Space()
+    if variant.endswith("without mid"):
+        space = Space(space.center, space.directions)
     result = fit(examples(pos), examples(neg), space, builtin=builtin)
     score = torch.sigmoid(space.inputs(examples(test)) @ result.weight + result.bias)
     return score, result.threshold
+
+
+SCENE_VARIANTS = [("builtin", 0), ("builtin, without mid", 0), ("builtin, probabilities", 0),
+                  ("user 10", 10), ("user 10, without mid", 10)]  # fmt: skip
 
 
 def precision_recall_f1(hits: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, float]:
@@ -155,7 +220,7 @@ def measure_seen(encoded, key: str, k: int, seen: int, repeats: int) -> list[flo
         rng = random.Random(seed)
         order = list(range(len(encoded[key]["p"])))
         rng.shuffle(order)
-        others = [v for name, v in encoded.items() if name != key]
+        others = [v for name, v in encoded.items() if name != key and name not in SCENE_SETS]
         rest = {n: torch.cat([encoded[key][n][order[k:]], *(v[n] for v in others)]) for n in "pf"}
         is_concept = torch.zeros(len(rest["p"]), dtype=torch.bool)
         is_concept[: len(order) - k] = True
@@ -181,15 +246,16 @@ def measure(encoded, key, k: int, variant: str, users: int, repeats: int, head_w
         rng = random.Random(seed)
         order = list(range(len(encoded[key]["p"])))
         rng.shuffle(order)
-        take = lambda d, idx: {n: d[n][idx] for n in ("p", "f")}  # noqa: E731
+        take = lambda d, idx: {n: d[n][idx] for n in "pfm"}  # noqa: E731
         pos = take(encoded[key], torch.tensor(order[:k]))
         test_pos = take(encoded[key], torch.tensor(order[k:]))
-        pool = {n: torch.cat([v[n] for name, v in encoded.items() if name != key]) for n in "pf"}
+        others = [v for name, v in encoded.items() if name != key and name not in SCENE_SETS]
+        pool = {n: torch.cat([v[n] for v in others]) for n in "pfm"}
         others = list(range(len(pool["p"])))
         rng.shuffle(others)
         neg = take(pool, torch.tensor(others[:users], dtype=torch.long))
         test_neg = take(pool, torch.tensor(others[users:]))
-        test = {n: torch.cat([test_pos[n], test_neg[n]]) for n in "pf"}
+        test = {n: torch.cat([test_pos[n], test_neg[n]]) for n in "pfm"}
         scores, threshold = scores_of(variant, pos, neg, test, head_weight, space)
         truth = torch.arange(len(scores)) < len(test_pos["p"])  # the positives come first
         results.append(precision_recall_f1(scores >= threshold, truth))
@@ -319,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {len(v)}" for k, v in sets.items())
     )
     print("\n| concept | k | negatives | precision | recall | F1 |\n|---|---|---|---|---|---|")
-    variants = [("builtin", 0), ("builtin, probabilities", 0), ("user 10", 10), ("user 20", 20)]
+    variants = [("builtin", 0), ("builtin, without mid", 0), ("builtin, probabilities", 0)]
+    variants += [("user 10", 10), ("user 10, without mid", 10), ("user 20", 20)]
     variants += [("user 20 only", 20), ("features+weights", 0)]
     for concept in CONCEPTS:
         key, view, space = concept_view(encoded, concept, tagger.classes, tagger.space)
@@ -333,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
                 p, r, f = measure_seen(view, key, k, seen, args.repeats)
                 row = f"| {concept} | {k} | seen {seen} | {p:.3f} | {r:.3f} | {f:.3f} |"
                 print(row, flush=True)
+    pool, labels = scene_pool(encoded)
+    print("\n| scene | photos | k | negatives | precision | recall | F1 |")
+    print("|---|---|---|---|---|---|---|")
+    for scene, truth in labels.items():
+        for variant, users in SCENE_VARIANTS:
+            p, r, f = measure_scene(pool, truth, 10, variant, users, args.repeats, tagger.space)
+            row = f"| {scene} | {int(truth.sum())} | 10 | {variant} | {p:.3f} | {r:.3f} | {f:.3f} |"
+            print(row, flush=True)
     if args.quality_only:
         return 0
     ants = sets["ants"]

@@ -82,6 +82,32 @@ class TaggerNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    @property
+    def has_mid_level(self) -> bool:
+        """Whether :meth:`outputs` gives mid-level features: EfficientNet-Lite's shape (a stem,
+        then a ``Sequential`` of at least two MBConv blocks, then the rest)."""
+        f = self.features
+        return (
+            isinstance(f, nn.Sequential)
+            and len(f) >= 2
+            and isinstance(f[1], nn.Sequential)
+            and len(f[1]) >= 2
+            and all(isinstance(block, MBConv) for block in f[1])
+        )
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> logits (B, C), pooled features (B, F) and mid-level features (B, M):
+        the input of the last block, averaged over positions (layout and texture more than
+        objects: what custom tags for scenes read); (B, 0) where the network has none."""
+        if not self.has_mid_level:
+            features = self.features(x)
+            return self.head(features), features, features.new_zeros(len(features), 0)
+        blocks = self.features[1]
+        x = blocks[:-1](self.features[0](x))
+        mid = x.mean((2, 3))
+        features = self.features[2:](blocks[-1](x))
+        return self.head(features), features, mid
+
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU)
 _POOLING = (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
@@ -113,6 +139,22 @@ def pooled_feature_mean(net: TaggerNet) -> torch.Tensor | None:
     with torch.no_grad():
         x = norm.bias.float()[:, None] + norm.weight.float().abs()[:, None] * t[None]
         return (layers[-1](x.clone()) * density).sum(1)
+
+
+def mid_level_mean(net: TaggerNet) -> torch.Tensor | None:
+    """The mean of :meth:`TaggerNet.outputs`' mid-level features over the photos the network was
+    trained on, as its BatchNorms imply; None where it has none. The last block but one ends in
+    a BatchNorm without activation (mean: its bias), plus, through each residual sum, the block
+    before it, back to one without a residual."""
+    if not net.has_mid_level:
+        return None
+    mean = None
+    for block in reversed(list(net.features[1])[:-1]):
+        bias = block.project[1].bias.detach().float()
+        mean = bias if mean is None else mean + bias
+        if not block.residual:
+            break
+    return mean
 
 
 def load_backbone_weights(net: TaggerNet, state_dict: Mapping[str, torch.Tensor]) -> list[str]:

@@ -42,8 +42,8 @@ from model.checkpoint import atomic_write_bytes
 
 log = logging.getLogger("phototag.custom_tags")
 
-FORMAT_VERSION = 2  # 2 keeps the examples' pooled features
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 keeps the examples' pooled features, 3 their mid-level features too
+READABLE_VERSIONS = (1, 2, 3)
 METADATA_KEY = "phototag_custom_tag"
 SUFFIX = ".safetensors"
 # A tag's name is its file name and a URL path segment: lower-case letters, digits, "-" and "_",
@@ -51,12 +51,15 @@ SUFFIX = ".safetensors"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 _NAME = re.compile(NAME_PATTERN)
 # What a head reads (a tag's "space"): the square root of the classifier's class probabilities
-# (a unit vector: the Hellinger embedding of the class distribution), and where the network's
-# structure gives the mean pooled feature, the centred, unit pooled features beside them.
+# (a unit vector: the Hellinger embedding of the class distribution); where the network's
+# structure gives the mean pooled feature, the centred, unit pooled features beside them; and
+# where it gives the mean mid-level feature too, the centred, unit mid-level features (layout and
+# texture: what scenes are told apart by). Each part takes a share of the input's squared length.
 PROBABILITIES = "sqrt_probabilities"
 WITH_FEATURES = "sqrt_probabilities+features"
-SPACES = (PROBABILITIES, WITH_FEATURES)
-HALF = 0.5**0.5  # each part of a WITH_FEATURES input: half its squared length
+WITH_MID = "sqrt_probabilities+features+mid"
+SPACES = (PROBABILITIES, WITH_FEATURES, WITH_MID)
+SHARES = {PROBABILITIES: (1.0,), WITH_FEATURES: (0.5, 0.5), WITH_MID: (0.45, 0.45, 0.1)}
 PROTOTYPE_PEAK = 0.9  # a built-in negative: a photo the classifier gives this much to one class
 PROTOTYPE_DROP = 0.05  # classes the positives average this much on are not negatives
 L2 = 1e-3  # weight decay of the logistic head, on unit-norm inputs
@@ -95,91 +98,131 @@ def check_model_id(model_id: str) -> str:
 
 @dataclass(frozen=True)
 class Examples:
-    """Photos as the heads see them: (N, C) class probabilities and (N, F) pooled features.
-    Features are (N, 0) where they were not kept (tags written before phototag kept them)."""
+    """Photos as the heads see them: (N, C) class probabilities, (N, F) pooled features and
+    (N, M) mid-level features. A part is (N, 0) where it was not kept (tags written before
+    phototag kept it) or the network has none."""
 
     probabilities: torch.Tensor
     features: torch.Tensor
+    mid: torch.Tensor | None = None  # None: (N, 0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "probabilities", self.probabilities.float())
         object.__setattr__(self, "features", self.features.float())
+        mid = self.mid if self.mid is not None else torch.zeros(len(self.probabilities), 0)
+        object.__setattr__(self, "mid", mid.float())
 
     @classmethod
-    def empty(cls, num_classes: int, num_features: int = 0) -> Examples:
-        return cls(torch.zeros(0, num_classes), torch.zeros(0, num_features))
+    def empty(cls, num_classes: int, num_features: int = 0, num_mid: int = 0) -> Examples:
+        return cls(
+            torch.zeros(0, num_classes), torch.zeros(0, num_features), torch.zeros(0, num_mid)
+        )
 
     @classmethod
     def of(cls, scores: Sequence[Any]) -> Examples:
         """The photos of :class:`model.tagger.Scores` (a batch's, or one photo's each)."""
-        probabilities = [s.probabilities.reshape(-1, s.probabilities.shape[-1]) for s in scores]
-        features = [s.features.reshape(-1, s.features.shape[-1]) for s in scores]
-        return cls(torch.cat(probabilities), torch.cat(features))
+        sets = [s.examples for s in scores]
+        return cls(
+            *(
+                torch.cat(part)
+                for part in zip(*((e.probabilities, e.features, e.mid) for e in sets), strict=True)
+            )
+        )
 
     def __len__(self) -> int:
         return len(self.probabilities)
 
     def __getitem__(self, index: torch.Tensor | slice) -> Examples:
-        return Examples(self.probabilities[index], self.features[index])
+        return Examples(self.probabilities[index], self.features[index], self.mid[index])
 
     def __add__(self, other: Examples) -> Examples:
-        """Both, in order; the features only where both sets have them (an empty set has all)."""
+        """Both, in order; each part only where both sets have it (an empty set has all)."""
         if not len(other):
             return self
         if not len(self):
             return other
-        if self.features.shape[1] == other.features.shape[1]:
-            features = torch.cat([self.features, other.features])
-        else:
-            features = torch.zeros(len(self) + len(other), 0)
-        return Examples(torch.cat([self.probabilities, other.probabilities]), features)
+
+        def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            if a.shape[1] == b.shape[1]:
+                return torch.cat([a, b])
+            return torch.zeros(len(a) + len(b), 0)
+
+        return Examples(
+            torch.cat([self.probabilities, other.probabilities]),
+            joined(self.features, other.features),
+            joined(self.mid, other.mid),
+        )
 
     @property
     def has_features(self) -> bool:
         return self.features.shape[1] > 0 or not len(self)
+
+    @property
+    def has_mid(self) -> bool:
+        return self.mid.shape[1] > 0 or not len(self)
 
 
 @dataclass(frozen=True)
 class Space:
     """What one model's heads read. Always the square root of the class probabilities; where
     the network gives the mean pooled feature (:func:`model.architectures.pooled_feature_mean`),
-    also the pooled features minus that mean, normalised, each part half the squared length.
-    The built-in negatives are points of it: a class's prototype is its peaked distribution and
-    its classifier row (minus the mean row) as the feature direction. The features separate
-    concepts the classifier has no class for better than its probabilities alone
-    (bench/README.md)."""
+    also the pooled features minus that mean, normalised; where it gives the mean mid-level
+    feature (:func:`model.architectures.mid_level_mean`), also the mid-level features minus that
+    mean, normalised; each part scaled to its share of :data:`SHARES`.
+    The built-in negatives are points of it: a class's prototype is its peaked distribution, its
+    classifier row (minus the mean row) as the feature direction, and the mean photo's mid-level
+    features (zero). The features separate concepts the classifier has no class for better than
+    its probabilities alone, and the mid-level ones scenes (bench/README.md)."""
 
     center: torch.Tensor | None = None  # (F,) the mean pooled feature
     directions: torch.Tensor | None = None  # (C, F) unit: each class's row minus the mean row
+    mid_center: torch.Tensor | None = None  # (M,) the mean mid-level feature
 
     @classmethod
     def of(cls, net) -> Space:
         """The space of a :class:`model.architectures.TaggerNet`."""
-        from model.architectures import pooled_feature_mean
+        from model.architectures import mid_level_mean, pooled_feature_mean
 
         center = pooled_feature_mean(net)
         if center is None:
             return cls()
         rows = net.head[-1].weight.detach().float().cpu()
-        return cls(center.cpu(), F.normalize(rows - rows.mean(0), dim=1))
+        mid_center = mid_level_mean(net)
+        return cls(
+            center.cpu(),
+            F.normalize(rows - rows.mean(0), dim=1),
+            None if mid_center is None else mid_center.cpu(),
+        )
 
     @property
     def name(self) -> str:
-        return PROBABILITIES if self.center is None else WITH_FEATURES
+        if self.center is None:
+            return PROBABILITIES
+        return WITH_FEATURES if self.mid_center is None else WITH_MID
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return tuple(share**0.5 for share in SHARES[self.name])
 
     def for_examples(self, *sets: Examples) -> Space:
-        """This space, or the probabilities-only one where some examples have no features."""
-        return self if all(s.has_features for s in sets) else Space()
+        """This space, or the largest part of it that every example was kept with."""
+        if not all(s.has_features for s in sets):
+            return Space()
+        if not all(s.has_mid for s in sets):
+            return Space(self.center, self.directions)
+        return self
 
     def inputs(self, examples: Examples) -> torch.Tensor:
         """Examples -> (N, D) unit vectors the heads read."""
-        roots = examples.probabilities.clamp_min(0).sqrt()
-        if self.center is None:
-            return roots
-        if not len(examples):  # none: whatever features they were made with
-            return roots.new_zeros(0, roots.shape[1] + len(self.center))
-        centred = F.normalize(examples.features - self.center, dim=1)
-        return torch.cat([roots, centred], 1) * HALF
+        parts = [examples.probabilities.clamp_min(0).sqrt()]
+        for part, center in ((examples.features, self.center), (examples.mid, self.mid_center)):
+            if center is None:
+                continue
+            if len(examples):
+                parts.append(F.normalize(part - center, dim=1))
+            else:  # none: whatever they were made with
+                parts.append(part.new_zeros(0, len(center)))
+        return torch.cat([part * scale for part, scale in zip(parts, self.scales, strict=True)], 1)
 
     def prototypes(self, num_classes: int, exclude: torch.Tensor) -> torch.Tensor:
         """The built-in negatives as inputs: one per class not in ``exclude`` (a (C,) bool), a
@@ -187,24 +230,37 @@ class Space:
         rest = (1 - PROTOTYPE_PEAK) / max(1, num_classes - 1)
         probabilities = torch.full((num_classes, num_classes), rest)
         probabilities.fill_diagonal_(PROTOTYPE_PEAK)
-        roots = probabilities[~exclude].sqrt()
-        if self.directions is None:
-            return roots
-        return torch.cat([roots, self.directions[~exclude]], 1) * HALF
+        parts = [probabilities[~exclude].sqrt()]
+        if self.directions is not None:
+            parts.append(self.directions[~exclude])
+        if self.mid_center is not None:
+            parts.append(torch.zeros(len(parts[0]), len(self.mid_center)))
+        return torch.cat([part * scale for part, scale in zip(parts, self.scales, strict=True)], 1)
+
+    def widths(self, num_classes: int) -> tuple[int, ...]:
+        """Each part's width: class probabilities, then those of the features this space has."""
+        centers = [c for c in (self.center, self.mid_center) if c is not None]
+        return (num_classes, *(len(c) for c in centers))
 
     def weight_of(self, weight: torch.Tensor, space: str) -> torch.Tensor:
-        """A head's weight, fitted in ``space``, over this space's inputs: a probabilities-only
-        head reads the same numbers in a space with features, at 1/HALF of their scale."""
-        if self.directions is not None:
-            classes = len(self.directions)
-            expected = {PROBABILITIES: classes, WITH_FEATURES: classes + len(self.directions[0])}
-            if len(weight) != expected.get(space, -1):
-                raise ValueError(f"a {space} head of {len(weight)} weights does not fit")
-        if space == self.name:
+        """A head's weight, fitted in ``space``, over this space's inputs: a head fitted in a
+        smaller space (before the features were kept) reads the same numbers here, each part
+        scaled back to its old share, and nothing of the parts it never saw."""
+        if space not in SPACES:
+            raise ValueError(f"a head of the unknown space {space!r} cannot be served")
+        if space == self.name and self.directions is None:
             return weight
-        if space == PROBABILITIES and self.center is not None:
-            return torch.cat([weight / HALF, weight.new_zeros(len(self.center))])
-        raise ValueError(f"a {space} head cannot be served on {self.name}")
+        old = SHARES[space]
+        if len(old) > len(self.scales):
+            raise ValueError(f"a {space} head cannot be served on {self.name}")
+        classes = len(weight) if self.directions is None else len(self.directions)
+        widths = self.widths(classes)
+        if len(weight) != sum(widths[: len(old)]):
+            raise ValueError(f"a {space} head of {len(weight)} weights does not fit")
+        parts = list(weight.split(list(widths[: len(old)])))
+        parts = [p * (o**0.5 / s) for p, o, s in zip(parts, old, self.scales, strict=False)]
+        parts += [weight.new_zeros(w) for w in widths[len(old) :]]
+        return torch.cat(parts)
 
 
 # ---- fitting
@@ -384,8 +440,10 @@ class CustomTag:
     updated_at: str = field(default_factory=lambda: _now())
 
     @classmethod
-    def new(cls, name: str, backbone: str, num_classes: int, num_features: int = 0) -> CustomTag:
-        empty = Examples.empty(num_classes, num_features)
+    def new(
+        cls, name: str, backbone: str, num_classes: int, num_features: int = 0, num_mid: int = 0
+    ) -> CustomTag:
+        empty = Examples.empty(num_classes, num_features, num_mid)
         return cls(check_name(name), backbone, empty, empty, torch.zeros(num_classes))
 
     def add(
@@ -444,6 +502,8 @@ class CustomTag:
             "negatives": self.negatives.probabilities.contiguous(),
             "positive_features": self.positives.features.contiguous(),
             "negative_features": self.negatives.features.contiguous(),
+            "positive_mid": self.positives.mid.contiguous(),
+            "negative_mid": self.negatives.mid.contiguous(),
             "weight": self.weight.contiguous(),
         }
         meta = {
@@ -491,12 +551,15 @@ class CustomTag:
 
 
 def _examples(tensors: dict[str, torch.Tensor], kind: str) -> Examples:
-    """A file's positive or negative examples; format 1 kept no features."""
+    """A file's positive or negative examples; format 1 kept no features, 2 no mid-level ones."""
     probabilities = tensors[f"{kind}s"].float()
-    features = tensors.get(f"{kind}_features", torch.zeros(len(probabilities), 0))
-    if len(features) != len(probabilities):
-        raise ValueError(f"{len(features)} {kind} features for {len(probabilities)} examples")
-    return Examples(probabilities, features.float())
+    parts = []
+    for part in ("features", "mid"):
+        found = tensors.get(f"{kind}_{part}", torch.zeros(len(probabilities), 0))
+        if len(found) != len(probabilities):
+            raise ValueError(f"{len(found)} {kind} {part} for {len(probabilities)} examples")
+        parts.append(found)
+    return Examples(probabilities, *parts)
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -643,14 +706,11 @@ class CustomHeads:
     def without(self, name: str) -> CustomHeads:
         return self._with([c for c in self.columns() if c[0] != name])
 
-    def probabilities(
-        self, class_probabilities: torch.Tensor, features: torch.Tensor
-    ) -> torch.Tensor:
-        """(B, C) class probabilities and (B, F) pooled features -> (B, K) custom-tag
-        probabilities."""
+    def probabilities(self, photos: Examples) -> torch.Tensor:
+        """B photos -> (B, K) custom-tag probabilities."""
         if not self.names:
-            return class_probabilities.new_zeros(len(class_probabilities), 0)
-        inputs = self.space.inputs(Examples(class_probabilities, features))
+            return photos.probabilities.new_zeros(len(photos), 0)
+        inputs = self.space.inputs(photos)
         return torch.sigmoid(inputs @ self.weight + self.bias)
 
 

@@ -52,14 +52,15 @@ from model.vocabulary import Vocabulary
 
 METHOD = "hirescam"
 
-# (logits (B, C) divided by the temperature, pooled features (B, F)) -> (B,)
-Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (logits (B, C) divided by the temperature, pooled features (B, F), mid-level features (B, M))
+# -> (B,)
+Score = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Target:
     """What to explain: ``score`` is differentiated, ``probability`` is what /v1/tags reports for
-    the tag (both from the temperature-scaled logits and the pooled features)."""
+    the tag (both from the temperature-scaled logits and the pooled and mid-level features)."""
 
     label: str
     score: Score
@@ -70,12 +71,12 @@ class Target:
 def class_target(classes: list[str], index: int, task: str) -> Target:
     """A raw class: its logit (what its probability is monotonic in)."""
 
-    def probability(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    def probability(logits: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         if task == "multi_label":
             return torch.sigmoid(logits[:, index])
         return torch.softmax(logits, dim=1)[:, index]
 
-    return Target(classes[index], lambda logits, _: logits[:, index], probability)
+    return Target(classes[index], lambda logits, *_: logits[:, index], probability)
 
 
 def vocabulary_target(vocabulary: Vocabulary, tag: int, task: str) -> Target:
@@ -88,18 +89,18 @@ def vocabulary_target(vocabulary: Vocabulary, tag: int, task: str) -> Target:
 
     if task == "multi_label":
 
-        def best_logit(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        def best_logit(logits: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
             return logits[:, members].amax(dim=1)
 
-        def likeliest(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(best_logit(logits, features))
+        def likeliest(logits: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(best_logit(logits))
 
         return Target(label, best_logit, likeliest, path)
 
-    def log_probability(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    def log_probability(logits: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(torch.log_softmax(logits, dim=1)[:, members], dim=1)
 
-    def probability(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    def probability(logits: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=1)[:, members].sum(dim=1).clamp(0, 1)
 
     return Target(label, log_probability, probability, path)
@@ -124,12 +125,13 @@ def custom_target(heads: CustomHeads, index: int, task: str) -> Target:
     roots taken at ``p + ROOT_EPS``, so that its gradient is finite everywhere."""
     weight, bias = heads.weight[:, index], heads.bias[index]  # (D,), ()
 
-    def logit(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def logit(logits: torch.Tensor, features: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
         probabilities = class_probabilities(logits, task) + ROOT_EPS  # (B, C)
-        return heads.space.inputs(Examples(probabilities, features)) @ weight + bias
+        return heads.space.inputs(Examples(probabilities, features, mid)) @ weight + bias
 
-    def probability(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return heads.probabilities(class_probabilities(logits, task), features)[:, index]
+    def probability(logits: torch.Tensor, features: torch.Tensor, mid: torch.Tensor):
+        examples = Examples(class_probabilities(logits, task), features, mid)
+        return heads.probabilities(examples)[:, index]
 
     return Target(heads.names[index], logit, probability)
 
@@ -209,20 +211,19 @@ class Explainer:
         """uint8 (3, crop, crop) pixels -> the forward pass an explanation differentiates."""
         batch = normalize(pixels.cpu()[None], self.preprocess)  # (1, 3, crop, crop)
         with torch.enable_grad():
-            features = self.net.features(batch)  # (1, F)
-            logits = self.net.head(features) / self.temperature  # (1, C)
-        return Pass(self._maps.leaf, logits, features)
+            logits, features, mid = self.net.outputs(batch)  # (1, C), (1, F), (1, M)
+        return Pass(self._maps.leaf, logits / self.temperature, features, mid)
 
     def heatmap(self, forward: Pass, target: Target) -> Heatmap:
         """HiResCAM of ``target`` on ``forward``'s feature map."""
         with torch.enable_grad():
-            score = target.score(forward.logits, forward.features).sum()
+            score = target.score(*forward.outputs).sum()
             (gradient,) = torch.autograd.grad(score, forward.feature_map, retain_graph=True)
         with torch.no_grad():
             cam = (gradient * forward.feature_map).sum(dim=1)[0].clamp_(min=0)  # (h, w)
             top = float(cam.max())
             grid = (cam / top if top > 0 else cam).numpy().astype(np.float32)
-            probability = float(target.probability(forward.logits, forward.features)[0])
+            probability = float(target.probability(*forward.outputs)[0])
         return Heatmap(grid, target.label, probability, target.path)
 
     def explain(self, pixels: torch.Tensor, target: Target) -> Heatmap:
@@ -234,6 +235,12 @@ class Pass:
     feature_map: torch.Tensor  # (1, C, h, w), a leaf that requires grad
     logits: torch.Tensor  # (1, num_classes), temperature-scaled
     features: torch.Tensor  # (1, F), pooled
+    mid: torch.Tensor  # (1, M), mid-level (constant for the map: computed before it)
+
+    @property
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a target's score and probability read."""
+        return self.logits, self.features, self.mid
 
     def probabilities(self, task: str) -> torch.Tensor:
         """(num_classes,) as the tagger computes them."""

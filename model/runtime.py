@@ -155,6 +155,7 @@ class RuntimeChoice:
 class Outputs(NamedTuple):
     logits: torch.Tensor  # (B, num_classes) float32
     features: torch.Tensor  # (B, F) float32: the pooled features the head reads
+    mid: torch.Tensor  # (B, M) float32: mid-level features (TaggerNet.outputs); (B, 0): none
 
 
 class Runtime(Protocol):
@@ -187,21 +188,21 @@ class TorchRuntime:
         batch = batch.contiguous(memory_format=torch.channels_last)
         dtype = self.amp_dtype or torch.float32
         with torch.autocast(self.device.type, dtype=dtype, enabled=bool(self.amp_dtype)):
-            features = self.net.features(batch)  # (B, F)
-            logits = self.net.head(features)  # (B, C)
-        return Outputs(logits.float(), features.float())
+            logits, features, mid = self.net.outputs(batch)
+        return Outputs(logits.float(), features.float(), mid.float())
 
 
-class _LogitsAndFeatures(nn.Module):
-    """One graph with both outputs, for converters that trace ``forward``."""
+class _AllOutputs(nn.Module):
+    """One graph with every output of :meth:`TaggerNet.outputs`, for converters that trace
+    ``forward`` (the mid-level features only where the network has them: no empty outputs)."""
 
     def __init__(self, net: TaggerNet) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.net.features(x)
-        return self.net.head(features), features
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.net.outputs(x)
+        return outputs if self.net.has_mid_level else outputs[:2]
 
 
 class OpenVINORuntime:
@@ -226,7 +227,7 @@ class OpenVINORuntime:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)
             model = openvino.convert_model(
-                _LogitsAndFeatures(fold_batchnorm(net).cpu()),
+                _AllOutputs(fold_batchnorm(net).cpu()),
                 example_input=example,
                 input=[openvino.PartialShape([-1, 3, crop, crop])],
             )
@@ -242,12 +243,19 @@ class OpenVINORuntime:
             },
         )
         self._request = compiled.create_infer_request()
+        self._has_mid = net.has_mid_level
 
     def run(self, batch: torch.Tensor) -> Outputs:
         pixels = batch.detach().to("cpu", torch.float32).contiguous().numpy()
         result = self._request.infer({0: pixels})
         # the request reuses its output buffers: copy them out
-        return Outputs(torch.from_numpy(result[0].copy()), torch.from_numpy(result[1].copy()))
+        logits, features = (torch.from_numpy(result[i].copy()) for i in (0, 1))
+        mid = (
+            torch.from_numpy(result[2].copy())
+            if self._has_mid
+            else features.new_zeros(len(features), 0)
+        )
+        return Outputs(logits, features, mid)
 
 
 def create_runtime(net: TaggerNet, crop: int, choice: RuntimeChoice) -> Runtime:

@@ -29,7 +29,7 @@ from PIL import Image
 from model import imageio
 from model.checkpoint import Checkpoint, ModelCard, probabilities_version
 from model.checkpoint import load as load_checkpoint
-from model.custom_tags import CustomHeads, Space, Suppressions
+from model.custom_tags import CustomHeads, Examples, Space, Suppressions
 from model.explain import (
     Explainer,
     Heatmap,
@@ -53,7 +53,7 @@ from model.preprocess import normalize, resize_and_crop
 from model.regions import DEFAULT as DEFAULT_REGIONS
 from model.regions import check as check_regions
 from model.regions import crop as crop_regions
-from model.runtime import Runtime, RuntimeChoice, create_runtime
+from model.runtime import Outputs, Runtime, RuntimeChoice, create_runtime
 from model.tta import TTA
 from model.vocabulary import Vocabulary
 
@@ -123,6 +123,7 @@ class Scores:
     probabilities: torch.Tensor  # (B, num_classes) the classifier's on the whole photo, on the CPU
     custom: torch.Tensor  # (B, K) the custom tags', in the order of ``heads.names``
     features: torch.Tensor  # (B, F) the pooled features
+    mid: torch.Tensor  # (B, M) the mid-level features (TaggerNet.outputs); M = 0: none
     heads: CustomHeads  # the heads that scored ``custom`` (a swap later cannot mismatch them)
     regions: torch.Tensor | None = None  # (B, R, num_classes) the classifier's on R regions
 
@@ -130,12 +131,16 @@ class Scores:
         """One :class:`Scores` per photo (what the batcher hands each request)."""
         assert dim == 0
         regions = [None] * len(self.probabilities) if self.regions is None else self.regions
-        return [
-            Scores(p, c, f, self.heads, r)
-            for p, c, f, r in zip(
-                self.probabilities, self.custom, self.features, regions, strict=True
-            )
-        ]
+        rows = zip(self.probabilities, self.custom, self.features, self.mid, regions, strict=True)
+        return [Scores(p, c, f, m, self.heads, r) for p, c, f, m, r in rows]
+
+    @property
+    def examples(self) -> Examples:
+        """The photos (one photo's, after :meth:`unbind`) as custom tags' heads see them."""
+        parts = (self.probabilities, self.features, self.mid)
+        if self.probabilities.dim() == 1:
+            parts = tuple(part[None] for part in parts)
+        return Examples(*parts)
 
 
 class Tagger:
@@ -315,30 +320,30 @@ class Tagger:
         heads = self.custom_heads  # read once: a swap during the pass waits for the next
         views = batch.shape[1] if batch.dim() == 5 else 0
         batch = batch.to(self.device, non_blocking=True).flatten(0, 1 if views else 0)
-        logits, features = self._run(normalize(batch, self.card.preprocess))
+        logits, features, mid = self._run(normalize(batch, self.card.preprocess))
         logits = logits / self.card.temperature
         if self.card.task == "multi_label":
             probabilities = torch.sigmoid(logits).cpu()
         else:
             probabilities = torch.softmax(logits, dim=1).cpu()
-        features = features.cpu()
+        features, mid = features.cpu(), mid.cpu()
         regions = None
         if views:  # (B * V, ...) -> the whole photos, and (B, R, C) their regions
             probabilities = probabilities.unflatten(0, (-1, views))
             probabilities, regions = probabilities[:, 0], probabilities[:, 1:]
-            features = features[::views]
-        custom = heads.probabilities(probabilities, features)
-        return Scores(probabilities, custom, features, heads, regions)
+            features, mid = features[::views], mid[::views]
+        custom = heads.probabilities(Examples(probabilities, features, mid))
+        return Scores(probabilities, custom, features, mid, heads, regions)
 
-    def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The runtime's logits and features; with the card's TTA, the logits averaged over the
-        views (:mod:`model.tta`) and the features of the photo itself."""
+    def _run(self, batch: torch.Tensor) -> Outputs:
+        """The runtime's outputs; with the card's TTA, the logits averaged over the views
+        (:mod:`model.tta`) and the features of the photo itself."""
         views = self.tta.views(batch)
         if len(views) == 1:
             return self.runtime.run(batch)
         outputs = [self.runtime.run(view) for _, view in views]
         logits = sum(weight * out.logits for (weight, _), out in zip(views, outputs, strict=True))
-        return logits, outputs[0].features
+        return outputs[0]._replace(logits=logits)
 
     def tags(
         self,

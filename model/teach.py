@@ -83,8 +83,8 @@ def teach(
                 f"model {model_id!r} has {limits.max_tags} custom tags already "
                 "(PHOTOTAG_MAX_CUSTOM_TAGS); delete one first",
             )
-        num_classes, num_features = some.probabilities.shape[1], some.features.shape[1]
-        tag = CustomTag.new(name, backbone, num_classes, num_features)
+        widths = (some.probabilities.shape[1], some.features.shape[1], some.mid.shape[1])
+        tag = CustomTag.new(name, backbone, *widths)
     total = len(tag.positives) + len(tag.negatives) + len(positives) + len(negatives)
     if total > limits.max_examples:
         raise CustomTagError(
@@ -185,7 +185,7 @@ def _refit(store: CustomTagStore, model_id: str, tagger, names: list[str]) -> in
                 print(f"{tag.name}: {why}", file=sys.stderr)
                 failed += 1
             else:
-                print(f"{tag.name}: served on the class probabilities alone ({why})")
+                print(f"{tag.name}: served in its space, {tag.space} ({why})")
             continue
         pos_paths = [Path(p) for p in tag.sources[: len(tag.positives)]]
         neg_paths = [Path(p) for p in tag.sources[len(tag.positives) :]]

@@ -157,3 +157,32 @@ def test_the_mean_pooled_feature_comes_from_the_last_batchnorm():
 def test_no_mean_pooled_feature_where_the_features_do_not_end_in_batchnorm(arch):
     """A ResNet ends in a residual sum, seed_cnn in fully-connected layers."""
     assert architectures.pooled_feature_mean(build(arch, 3)) is None
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_the_mean_mid_level_feature_comes_from_the_batchnorms_it_sums(arch):
+    """In training mode each BatchNorm's output has its bias as the batch mean, so the
+    mid-level features of a batch average to what the biases say, residual sums included."""
+    torch.manual_seed(0)
+    net = build(arch, 5)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.bias.normal_()
+    logits, features, mid = net.train().outputs(torch.randn(8, 3, 64, 64))
+    torch.testing.assert_close(mid.mean(0), architectures.mid_level_mean(net), atol=1e-4, rtol=0)
+    net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, features, mid = net.outputs(x)
+    torch.testing.assert_close(logits, net(x))
+    torch.testing.assert_close(features, net.features(x))
+    assert mid.shape == (2, net.features[1][-1].expand[0].in_channels)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "seed_cnn"])
+def test_no_mid_level_features_where_the_network_is_not_efficientnet_lite(arch):
+    net = build(arch, 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits, _, mid = net.outputs(x)
+    assert mid.shape == (2, 0) and architectures.mid_level_mean(net) is None
+    torch.testing.assert_close(logits, net(x))

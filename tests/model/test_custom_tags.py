@@ -7,10 +7,12 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.custom_tags import (
     PROBABILITIES,
     WITH_FEATURES,
+    WITH_MID,
     CustomHeads,
     CustomTag,
     CustomTagError,
@@ -164,7 +166,7 @@ def test_without_features_a_tag_is_fitted_and_served_on_the_probabilities(tmp_pa
     assert not loaded.stale("v1") and not loaded.positives.has_features
     photos = peaked(list(range(C)), 7, 5)
     features = around(space, 1, 7, 5)
-    served = CustomHeads.of([loaded], space).probabilities(photos, features)[:, 0]
+    served = CustomHeads.of([loaded], space).probabilities(Examples(photos, features))[:, 0]
     alone = torch.sigmoid(P_ONLY.inputs(ex(photos)) @ old.weight + old.bias)
     torch.testing.assert_close(served, alone)
     more = teach(
@@ -244,7 +246,7 @@ def test_stacked_heads_score_every_tag_in_one_multiply_as_each_alone(tmp_path):
     heads = CustomHeads.of(tags, P_ONLY)
     assert heads.names == ("a-tag", "b-tag", "c-tag")
     photos = peaked(list(range(C)), 7, 5)
-    together = heads.probabilities(photos, torch.zeros(7, 0))  # (7, 3)
+    together = heads.probabilities(ex(photos))  # (7, 3)
     for tag in tags:
         alone = torch.sigmoid(P_ONLY.inputs(ex(photos)) @ tag.weight + tag.bias)
         torch.testing.assert_close(together[:, heads.names.index(tag.name)], alone)
@@ -277,7 +279,7 @@ def test_one_forward_pass_gives_class_and_custom_tag_probabilities(tiny_checkpoi
     pixels = torch.stack([tagger.pixels(red), tagger.pixels(blue)])
     before = tagger.outputs(pixels)
     store = CustomTagStore(tmp_path)
-    examples = Examples(before.probabilities, before.features)
+    examples = before.examples
     teach(store, "tiny", tagger.probabilities_version, tagger.space, "reddish",
           examples[[0, 0, 0]], examples[[1, 1, 1]])  # fmt: skip
     serve_tags(store, "tiny", tagger)
@@ -317,10 +319,10 @@ def test_custom_tags_come_out_of_the_openvino_backend_as_out_of_torch(
     photos = [photo_bytes(color=c) for c in COLORS.values()]
     taggers = [load_tagger(checkpoint, backend=b) for b in ("torch", "openvino")]
     assert taggers[1].backend == "openvino"
-    assert taggers[0].space.name == (WITH_FEATURES if network == "lite" else PROBABILITIES)
+    assert taggers[0].space.name == (WITH_MID if network == "lite" else PROBABILITIES)
     store = CustomTagStore(tmp_path)
     scores = taggers[0].outputs(torch.stack([taggers[0].pixels(p) for p in photos]))
-    examples = Examples(scores.probabilities, scores.features)
+    examples = scores.examples
     teach(store, "tiny", taggers[0].probabilities_version, taggers[0].space, "first",
           examples[:1], examples[1:])  # fmt: skip
     results = []
@@ -328,6 +330,7 @@ def test_custom_tags_come_out_of_the_openvino_backend_as_out_of_torch(
         serve_tags(store, "tiny", tagger)
         results.append(tagger.outputs(torch.stack([tagger.pixels(p) for p in photos])))
     torch.testing.assert_close(results[0].custom, results[1].custom, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0].mid, results[1].mid, atol=1e-4, rtol=1e-4)
     assert results[1].custom.shape == (3, 1) and results[1].features.shape[0] == 3
     assert store.load("tiny", "first").space == taggers[0].space.name
 
@@ -393,7 +396,7 @@ def a_tag_kept_without_features(tmp_path):
     assert main(["reddish", "--positive", str(photos / "red"), *argv]) == 0
     store = CustomTagStore(tmp_path / "custom-tags")
     tag = store.load("lite", "reddish")
-    assert tag.space == WITH_FEATURES and tag.positives.has_features
+    assert tag.space == WITH_MID and tag.positives.has_features and tag.positives.has_mid
     tag.positives = ex(tag.positives.probabilities)
     tag.refit()
     store.save("lite", tag)
@@ -407,7 +410,7 @@ def test_phototag_teach_refit_gives_a_tag_kept_without_features_the_features(tmp
     argv, _, store = a_tag_kept_without_features(tmp_path)
     assert main(["--refit", *argv]) == 0
     fresh = store.load("lite", "reddish")
-    assert fresh.space == WITH_FEATURES and len(fresh.positives) == 3
+    assert fresh.space == WITH_MID and len(fresh.positives) == 3
     capsys.readouterr()
     assert main(["--refit", *argv]) == 0
     assert capsys.readouterr().out.strip() == "reddish: up to date"
@@ -420,3 +423,46 @@ def test_phototag_teach_refit_leaves_a_served_tag_whose_photos_are_gone(tmp_path
     assert "left as it is: 1 photos unreadable" in capsys.readouterr().err
     kept = store.load("lite", "reddish")
     assert kept.space == PROBABILITIES and len(kept.positives) == 3
+
+
+def test_a_tag_fitted_before_the_mid_level_features_is_served_as_it_was(tmp_path):
+    """A format-2 tag (class probabilities and pooled features) on a model whose heads also read
+    mid-level features: the same probabilities as in its own space, and taught more, it stays
+    in that space (its old examples have no mid-level features)."""
+    torch.manual_seed(3)
+    center, mid_center = torch.randn(6), torch.randn(4)
+    directions = F.normalize(torch.randn(C, 6), dim=1)
+    old_space, new_space = Space(center, directions), Space(center, directions, mid_center)
+    assert (old_space.name, new_space.name) == (WITH_FEATURES, WITH_MID)
+    positives = Examples(peaked([0, 1], 5, 0), torch.randn(5, 6))
+    tag = CustomTag.new("old", "v1", C, 6)
+    tag.add(positives, positives[:0])
+    tag.refit(old_space)
+    assert tag.space == WITH_FEATURES
+    photos = Examples(peaked(list(range(C)), 7, 5), torch.randn(7, 6), torch.randn(7, 4))
+    served = CustomHeads.of([tag], new_space).probabilities(photos)[:, 0]
+    alone = torch.sigmoid(old_space.inputs(photos) @ tag.weight + tag.bias)
+    torch.testing.assert_close(served, alone)
+    tag.add(photos[:2], photos[2:4])  # with mid-level features, beside examples without
+    tag.refit(new_space)
+    assert tag.space == WITH_FEATURES and not tag.positives.has_mid
+    assert not tag.current("v1", new_space)
+    fresh = CustomTag.from_bytes(tag.to_bytes())
+    assert fresh.positives.mid.shape == (7, 0) and fresh.space == WITH_FEATURES
+
+
+def test_mid_level_features_are_kept_in_the_tag_file_and_read_by_its_head():
+    torch.manual_seed(4)
+    space = Space(torch.randn(6), F.normalize(torch.randn(C, 6), dim=1), torch.randn(4))
+    positives = Examples(peaked([0], 6, 0), torch.randn(6, 6), torch.randn(6, 4) + 3)
+    negatives = Examples(peaked([0], 6, 1), torch.randn(6, 6), torch.randn(6, 4) - 3)
+    tag = CustomTag.new("scene", "v1", C, 6, 4)
+    tag.add(positives, negatives)
+    tag.refit(space)
+    assert tag.space == WITH_MID and len(tag.weight) == C + 6 + 4
+    fresh = CustomTag.from_bytes(tag.to_bytes())
+    torch.testing.assert_close(fresh.positives.mid, positives.mid)
+    torch.testing.assert_close(fresh.weight, tag.weight)
+    # only the mid-level features tell these apart: the head reads them
+    scores = CustomHeads.of([fresh], space).probabilities(positives + negatives)[:, 0]
+    assert scores[:6].min() > scores[6:].max()

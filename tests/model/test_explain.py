@@ -15,7 +15,7 @@ from torch import nn
 from model import architectures
 from model.checkpoint import load as load_checkpoint
 from model.checkpoint import save
-from model.custom_tags import CustomHeads, CustomTagStore, Examples, Space
+from model.custom_tags import WITH_MID, CustomHeads, CustomTagStore, Examples, Space
 from model.explain import (
     Explainer,
     Heatmap,
@@ -171,13 +171,13 @@ def test_a_vocabulary_tag_differentiates_the_log_of_its_rolled_up_probability(tm
     forward = tagger.explainer().forward(pixels)
     for t, tag in enumerate(tagger.vocabulary.tags):
         target = tagger.target(tag.label)
-        score = target.score(forward.logits, forward.features)
+        score = target.score(*forward.outputs)
         assert value(score) == pytest.approx(float(torch.log(rolled[t])), abs=1e-5)
-        probability = target.probability(forward.logits, forward.features)
+        probability = target.probability(*forward.outputs)
         assert value(probability) == pytest.approx(float(rolled[t]), abs=1e-5)
         assert target.path == tag.path
     # "cool" gathers green and blue: its gradient is the sum of theirs, weighted by probability
-    cool = tagger.target("cool").score(forward.logits, forward.features)
+    cool = tagger.target("cool").score(*forward.outputs)
     p = torch.softmax(forward.logits, dim=1)[0]
     (grad,) = torch.autograd.grad(cool.sum(), forward.logits)
     expected = p[1:] / p[1:].sum() - p[1:]
@@ -191,9 +191,9 @@ def test_a_raw_class_differentiates_its_logit_and_a_multi_label_tag_its_likelies
     forward = tagger.explainer().forward(pixels)
     target = tagger.target("green", view="classes")
     assert target.path is None
-    assert value(target.score(forward.logits, forward.features)) == value(forward.logits[0, 1])
+    assert value(target.score(*forward.outputs)) == value(forward.logits[0, 1])
     probabilities = tagger.probabilities(pixels[None])[0]
-    assert value(target.probability(forward.logits, forward.features)) == pytest.approx(
+    assert value(target.probability(*forward.outputs)) == pytest.approx(
         float(probabilities[1]), abs=1e-5
     )
     assert tagger.target("green").path == ("green",)  # no vocabulary: the classes are the tags
@@ -203,8 +203,8 @@ def test_a_raw_class_differentiates_its_logit_and_a_multi_label_tag_its_likelies
     forward = multi.explainer().forward(pixels)
     cool = multi.target("cool")  # green and blue: the larger of their logits
     expected = forward.logits[0, 1:].max()
-    assert value(cool.score(forward.logits, forward.features)) == value(expected)
-    assert value(cool.probability(forward.logits, forward.features)) == pytest.approx(
+    assert value(cool.score(*forward.outputs)) == value(expected)
+    assert value(cool.probability(*forward.outputs)) == pytest.approx(
         value(torch.sigmoid(expected))
     )
 
@@ -223,7 +223,7 @@ def teach_reddish(tagger, store_dir, name: str = "reddish") -> None:
     does."""
     photos = [photo_bytes(color=COLORS[c], seed=i) for c in ("red", "blue") for i in range(3)]
     scores = tagger.outputs(torch.stack([tagger.pixels(p) for p in photos]))
-    examples = Examples(scores.probabilities, scores.features)
+    examples = scores.examples
     store = CustomTagStore(store_dir)
     space = tagger.space
     teach(store, "m", tagger.probabilities_version, space, name, examples[:3], examples[3:])
@@ -256,7 +256,7 @@ def test_a_custom_tag_reports_its_served_probability_and_differentiates_its_head
     else:
         checkpoint = write_tiny_checkpoint(tmp_path / "m.safetensors", temperature=1.5)
     tagger = load_tagger(checkpoint)
-    assert tagger.space.name.endswith("features") == (network == "lite")
+    assert (tagger.space.name == WITH_MID) == (network == "lite")
     teach_reddish(tagger, tmp_path / "tags")
     for seed, colour in enumerate(("red", "blue", "green")):
         pixels = tagger.pixels(photo_bytes((60, 45), COLORS[colour], seed=seed, noise=80))
@@ -264,9 +264,9 @@ def test_a_custom_tag_reports_its_served_probability_and_differentiates_its_head
         target = tagger.target("custom/reddish")
         assert (target.label, target.path) == ("reddish", ("custom", "reddish"))
         forward = tagger.explainer().forward(pixels)
-        probability = value(target.probability(forward.logits, forward.features))
+        probability = value(target.probability(*forward.outputs))
         assert probability == pytest.approx(served, abs=1e-5)
-        score = value(target.score(forward.logits, forward.features))
+        score = value(target.score(*forward.outputs))
         assert score == pytest.approx(float(torch.logit(torch.tensor(served))), abs=1e-3)
         heatmap = tagger.explain(pixels, "custom/reddish")
         assert (heatmap.tag, heatmap.path) == ("reddish", ("custom", "reddish"))
@@ -284,16 +284,16 @@ def test_a_custom_tags_score_has_a_finite_gradient_where_a_class_probability_is_
     torch.manual_seed(0)
     heads = CustomHeads(Space(), ("x",), torch.randn(3, 1), torch.zeros(1), (0.5,))
     logits = torch.tensor([[0.0, 200.0, -10.0]], requires_grad=True)  # p = (0, 1, 0) in float32
-    features = torch.zeros(1, 0)
+    features, mid = torch.zeros(1, 0), torch.zeros(1, 0)
     probabilities = torch.softmax(logits, 1)
     assert (probabilities == 0).any()
     (bare,) = torch.autograd.grad((probabilities.sqrt() @ heads.weight).sum(), logits)
     assert torch.isnan(bare).all()  # sqrt's infinite slope at 0 times softmax's zero slope
-    served = heads.probabilities(probabilities, features)[:, 0]
+    served = heads.probabilities(Examples(probabilities, features, mid))[:, 0]
     target = custom_target(heads, 0, "single_label")
-    (grad,) = torch.autograd.grad(target.score(logits, features).sum(), logits)
+    (grad,) = torch.autograd.grad(target.score(logits, features, mid).sum(), logits)
     assert torch.isfinite(grad).all()
-    assert value(target.probability(logits, features)) == pytest.approx(value(served))
+    assert value(target.probability(logits, features, mid)) == pytest.approx(value(served))
 
 
 def test_the_models_own_tag_comes_before_a_custom_tags_bare_name(tmp_path):

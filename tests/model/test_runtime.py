@@ -155,10 +155,12 @@ def test_threads_default_to_a_quarter_of_the_cores_for_torch_and_all_for_openvin
     assert RuntimeChoice.resolve("cpu", "torch", "off", 3).torch_threads == 3
 
 
-def plain_outputs(net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def plain_outputs(net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Logits, pooled features and mid-level features, from the unfolded network."""
     with torch.inference_mode():
         features = net.features(batch)
-        return net.head(features), features
+        mid = net.features[1][:-1](net.features[0](batch)).mean((2, 3))
+        return net.head(features), features, mid
 
 
 def cpu_choice(backend: str) -> RuntimeChoice:
@@ -174,12 +176,12 @@ def test_every_backend_returns_the_logits_and_pooled_features(default_checkpoint
     assert served.backend == backend and served.precision == "float32"
     torch.manual_seed(batch_size)
     batch = torch.randn(batch_size, 3, 224, 224)
-    logits, features = served.run(batch)
-    expected_logits, expected_features = plain_outputs(net, batch)
-    assert logits.shape == (batch_size, 1000) and features.shape == (batch_size, 1280)
-    assert logits.dtype == features.dtype == torch.float32
-    assert torch.allclose(logits, expected_logits, atol=1e-4, rtol=1e-5)
-    assert torch.allclose(features, expected_features, atol=1e-4, rtol=1e-5)
+    outputs = served.run(batch)
+    assert outputs.logits.shape == (batch_size, 1000)
+    assert outputs.features.shape == (batch_size, 1280) and outputs.mid.shape == (batch_size, 192)
+    for got, expected in zip(outputs, plain_outputs(net, batch), strict=True):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
 
 
 @needs_openvino
@@ -230,5 +232,5 @@ def test_on_cuda_the_network_is_channels_last_and_autocast(tiny_checkpoint):
     batch = torch.randn(4, 3, 32, 32, device="cuda")
     logits = served.run(batch).logits
     assert logits.dtype == torch.float32 and logits.device.type == "cuda"
-    expected, _ = plain_outputs(net.cuda(), batch)
+    expected, *_ = plain_outputs(net.cuda(), batch)
     assert torch.allclose(logits, expected, atol=2e-2)
