@@ -3,12 +3,12 @@ forward pass as the checkpoint's classifier.
 
 A served model is a backbone plus heads: the checkpoint's classifier and any number of custom
 tags. A custom tag is a linear logistic head on what the backbone already computes for every
-photo (:class:`Space`: the class probabilities and the pooled features), with its own
+photo (:class:`Space`: the class probabilities, the pooled and the mid-level features), with its own
 threshold. All heads of a model are stacked into one (D, K) matrix (:class:`CustomHeads`), so K
 tags cost one small matrix multiply per batch.
 
-A tag is stored as its examples (:class:`Examples`: class probabilities and pooled features,
-never the photos) plus the fitted head, in one small
+A tag is stored as its examples (:class:`Examples`: class probabilities, pooled and mid-level
+features, never the photos) plus the fitted head, in one small
 ``.safetensors`` file with JSON metadata, ``<store>/<model id>/<name>.safetensors``, written
 atomically. It is tied to the backbone's version (:func:`model.checkpoint.probabilities_version`):
 when the backbone changes, the stored examples no longer describe the photos, and the tag is
@@ -123,10 +123,9 @@ class Examples:
         """The photos of :class:`model.tagger.Scores` (a batch's, or one photo's each)."""
         sets = [s.examples for s in scores]
         return cls(
-            *(
-                torch.cat(part)
-                for part in zip(*((e.probabilities, e.features, e.mid) for e in sets), strict=True)
-            )
+            torch.cat([e.probabilities for e in sets]),
+            torch.cat([e.features for e in sets]),
+            torch.cat([e.mid for e in sets]),
         )
 
     def __len__(self) -> int:
