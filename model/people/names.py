@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 import warnings
@@ -125,7 +126,9 @@ class NameStore:
         self.root = Path(root)
         self.max_examples = max_examples
         self._lock = threading.Lock()
-        self._gallery: Gallery | None = None  # cached; dropped by every write
+        # the gallery as read, and the folder's files then (name, mtime, size): reread when they
+        # change, so names taught or removed by another process (phototag people) are seen
+        self._gallery: tuple[tuple, Gallery] | None = None
 
     def path(self, name: str) -> Path:
         return self.root / f"{check_name(name)}{SUFFIX}"
@@ -193,17 +196,35 @@ class NameStore:
             self._gallery = None
 
     def gallery(self) -> Gallery:
-        """Every name's examples as one :class:`Gallery` (cached until the next write through
-        this store; :meth:`refresh` rereads the folder)."""
-        gallery = self._gallery
-        if gallery is None:
-            with self._lock:
-                gallery = self._gallery = self._read_gallery()
+        """Every name's examples as one :class:`Gallery`, read again whenever the folder's name
+        files changed (a write through this store, or another process's: the CLI teaching a
+        running server's store)."""
+        state = self._files()
+        cached = self._gallery
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        with self._lock:
+            state = self._files()
+            gallery = self._read_gallery()
+            self._gallery = (state, gallery)
         return gallery
 
-    def refresh(self) -> None:
-        """Drop the cached gallery: another process may have written the folder."""
-        self._gallery = None
+    def _files(self) -> tuple:
+        """The folder's name files as (name, mtime, size): a few stats, cheap beside a face."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return ()
+        found = []
+        for entry in entries:
+            stem = entry.name.removesuffix(SUFFIX)
+            if entry.name.endswith(SUFFIX) and _NAME.match(stem):
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                found.append((stem, stat.st_mtime_ns, stat.st_size))
+        return tuple(sorted(found))
 
     def _read_gallery(self) -> Gallery:
         names, tensors, owners = [], [], []

@@ -87,6 +87,21 @@ def test_the_store_keeps_one_private_file_per_name_and_remove_deletes_it(tmp_pat
     assert error.value.code == "unknown_name"
 
 
+def test_a_store_sees_names_another_process_taught_or_removed_without_a_restart(tmp_path):
+    """The server's store and the CLI's (another process: another NameStore on the folder)."""
+    served, cli = NameStore(tmp_path), NameStore(tmp_path)
+    served.add("bob", unit(4))
+    assert served.gallery().names == ("bob",)
+    cli.add("Alice", unit(1))
+    assert served.gallery().names == ("Alice", "bob")
+    cli.add("Alice", unit(2))  # more examples of a name the server has read already
+    assert len(served.gallery().embeddings) == 3
+    cli.remove("bob")
+    assert served.gallery().names == ("Alice",)
+    gallery = served.gallery()
+    assert served.gallery() is gallery  # nothing changed: the folder is not read again
+
+
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "group", "Person", "x" * 49])
 def test_names_that_cannot_be_file_names_or_clash_with_people_tags_are_refused(tmp_path, name):
     with pytest.raises(NamesError) as error:
