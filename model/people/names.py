@@ -213,7 +213,7 @@ class NameStore:
         """The folder's name files as (name, mtime, size): a few stats, cheap beside a face."""
         try:
             entries = list(os.scandir(self.root))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no names, as names() says
             return ()
         found = []
         for entry in entries:
