@@ -189,7 +189,8 @@ def scores_of(variant: str, pos, neg, test, head_weight: torch.Tensor, space: Sp
     if variant.endswith("without mid"):
         space = Space(space.center, space.directions)
     result = fit(examples(pos), examples(neg), space, builtin=builtin)
-    score = torch.sigmoid(space.inputs(examples(test)) @ result.weight + result.bias)
+    weight = space.weight_of(result.weight, result.space)  # the head as served
+    score = torch.sigmoid(space.inputs(examples(test)) @ weight + result.bias)
     return score, result.threshold
 
 
