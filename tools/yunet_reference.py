@@ -5,9 +5,10 @@
     python tools/yunet_reference.py
 
 Runs ``yuface`` (the library's C++ detector behind pybind11) on scikit-image's photos and on a
-group photo composed from them, each downscaled to the working sizes the way
-:func:`model.people.yunet.working_image` does (PIL bilinear, reducing_gap 2, longest side at
-most the working size), and writes ``tests/data/yunet_reference.json``: per photo and working
+group photo composed from them, each downscaled to the working sizes (PIL bilinear, reducing_gap
+2, longest side at most the working size; :func:`model.people.yunet.working_pixels` resizes with
+torch's antialiased bilinear since, within one level of PIL's), and writes
+``tests/data/yunet_reference.json``: per photo and working
 size, every face the library returns (its own floor of score 0.2), as it returns them, integers
 truncated toward zero: score in percent, box (x, y, w, h), five landmarks (x, y).
 """
@@ -61,8 +62,9 @@ PHOTOS: dict[str, Callable[[], Image.Image]] = {
 
 
 def working_image(image: Image.Image, work_size: int) -> Image.Image:
-    """The same resize as :func:`model.people.yunet.working_image`, written out again so that the
-    fixture does not depend on the code it checks."""
+    """The working size of :func:`model.people.yunet.working_pixels` (PIL's bilinear: the resize
+    phototag used when the fixture was made), written out here so that the fixture does not
+    depend on the code it checks."""
     scale = work_size / max(image.size)
     if scale >= 1:
         return image

@@ -79,7 +79,8 @@ class Network(Protocol):
     device: torch.device
 
     def run(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """(1, 3, H, W) float32 BGR 0..255 on the CPU -> the 12 raw maps, on the CPU."""
+        """(1, H, W, 3) uint8 RGB on the CPU (:func:`model.people.yunet.prepare_input`) -> the
+        12 raw maps, on the CPU."""
         ...
 
 
@@ -95,8 +96,7 @@ class TorchNetwork:
 
     @torch.inference_mode()
     def run(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        pixels = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
-        return [m.float().cpu() for m in self.net(pixels)]
+        return [m.float().cpu() for m in self.net(yunet.network_input(pixels.to(self.device)))]
 
 
 class OpenVINONetwork:
@@ -122,6 +122,7 @@ class OpenVINONetwork:
                 example_input=torch.zeros(1, 3, 320, 320),
                 input=[openvino.PartialShape([1, 3, -1, -1])],
             )
+        model = _reads_prepared_pixels(model)
         self._compiled = openvino.Core().compile_model(
             model,
             "CPU",
@@ -143,6 +144,23 @@ class OpenVINONetwork:
         result = request.infer({0: pixels.contiguous().numpy()})
         # the request reuses its output buffers: copy them out
         return [torch.from_numpy(result[i].copy()) for i in range(len(yunet.OUTPUT_NAMES))]
+
+
+def _reads_prepared_pixels(model):
+    """The converted network with :func:`model.people.yunet.network_input` in its graph: it reads
+    (1, H, W, 3) uint8 RGB, and OpenVINO's compiled graph turns it into float BGR planes, with no
+    float copy of the photo in Python."""
+    from openvino import Layout, Type
+    from openvino.preprocess import ColorFormat, PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    pixels = ppp.input()
+    pixels.tensor().set_element_type(Type.u8).set_layout(Layout("NHWC")).set_color_format(
+        ColorFormat.RGB
+    )
+    pixels.model().set_layout(Layout("NCHW"))
+    pixels.preprocess().convert_element_type(Type.f32).convert_color(ColorFormat.BGR)
+    return ppp.build()
 
 
 def create_network(net: yunet.YuNet, choice: RuntimeChoice, precision: str = "auto") -> Network:
@@ -196,7 +214,7 @@ class FaceDetector:
         maps = self.network.run(prepared.pixels)
         [rows] = yunet.decode(
             maps,
-            prepared.pixels.shape[-2:],
+            prepared.padded,
             score_threshold=c.score_threshold,
             nms_iou=c.nms_iou,
             keep_top_k=c.max_faces,

@@ -18,7 +18,7 @@ Usage::
     net = load_yunet()
     prepared = prepare_input(rgb_image, work_size=640)
     with torch.inference_mode():
-        faces = decode(net(prepared.pixels), prepared.pixels.shape[-2:])[0]
+        faces = decode(net(network_input(prepared.pixels)), prepared.padded)[0]
     faces = to_original(faces, prepared.scale)  # (K, 15) rows in the photo's pixels
 """
 
@@ -176,7 +176,7 @@ class YuNet(nn.Module):
     strides 8, 16, 32 in turn: cls (B, 1, h, w), obj (B, 1, h, w), bbox (B, 4, h, w), kps
     (B, 10, h, w), with h, w = H / stride, W / stride (names in ``OUTPUT_NAMES``). No
     data-dependent control flow: it traces, and OpenVINO converts it as it is. Give it
-    channels-last input (``prepare_input`` does): torch's CPU convolutions then run 1.5-2x
+    channels-last input (:func:`network_input` does): torch's CPU convolutions then run 1.5-2x
     faster."""
 
     def __init__(self) -> None:
@@ -272,33 +272,58 @@ def to_original(faces: torch.Tensor, scale: Sequence[float]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+REDUCING_GAP = 2.0  # a box reduce first while the photo is at least this many times too large
+
+
 class Prepared(NamedTuple):
-    pixels: torch.Tensor  # (1, 3, H, W) float32 BGR 0..255, H, W multiples of 32, channels-last
+    pixels: torch.Tensor  # (1, H, W, 3) uint8 RGB, H, W multiples of 32 (:func:`network_input`)
     size: tuple[int, int]  # (width, height) of the working image, top-left in ``pixels``
     scale: tuple[float, float]  # photo pixels per working pixel, x and y
 
+    @property
+    def padded(self) -> tuple[int, int]:
+        """(height, width) of ``pixels``: what :func:`decode` needs."""
+        return (self.pixels.shape[1], self.pixels.shape[2])
 
-def working_image(image: Image.Image, work_size: int) -> Image.Image:
-    """RGB, longest side at most ``work_size`` (downscaled only: upscaling finds no new faces
-    worth its cost)."""
+
+def network_input(pixels: torch.Tensor) -> torch.Tensor:
+    """Prepared pixels (B, H, W, 3) uint8 RGB -> what :class:`YuNet` reads: (B, 3, H, W)
+    float32 BGR 0..255, channels-last. (OpenVINO does the same inside its compiled graph.)"""
+    return pixels.flip(-1).permute(0, 3, 1, 2).float()
+
+
+def working_pixels(image: Image.Image, work_size: int) -> torch.Tensor:
+    """RGB uint8 (H, W, 3), longest side at most ``work_size`` (downscaled only: upscaling finds
+    no new faces worth its cost). PIL's bilinear resize with ``reducing_gap=2`` within one level,
+    in a fraction of its time (bench/README.md): a photo more than twice too large is first
+    box-reduced by an integer factor (PIL's ``reduce``), then torch's antialiased bilinear on
+    uint8 maps the reduced photo's exact extent (a partial last box included) onto the size."""
     image = image if image.mode == "RGB" else image.convert("RGB")
-    scale = work_size / max(image.size)
+    width, height = image.size
+    scale = work_size / max(width, height)
     if scale >= 1:
-        return image
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    # reducing_gap: a box reduce by an integer factor first, then bilinear: fast on 12 MP
-    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return torch.from_numpy(np.array(image))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    factor = max(1, int(1 / (scale * REDUCING_GAP)))
+    if factor >= 2:
+        image = image.reduce(factor)
+    planes = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # (1, 3, H, W), a view
+    scales = (size[0] * factor / height, size[1] * factor / width)
+    resized = F.interpolate(planes, scale_factor=scales, mode="bilinear", antialias=True,
+                            align_corners=False, recompute_scale_factor=False)  # fmt: skip
+    if tuple(resized.shape[-2:]) != size:  # float rounding of a scale: the size, as asked
+        resized = F.interpolate(planes, size=size, mode="bilinear", antialias=True)
+    return resized[0].permute(1, 2, 0)
 
 
 def prepare_input(image: Image.Image, work_size: int = 640) -> Prepared:
     """A photo (PIL, any mode) -> YuNet's input at ``work_size`` (longest side), zero-padded
     below and to the right to multiples of 32, with the scale back to the photo's pixels."""
-    work = working_image(image, work_size)
-    width, height = work.size
+    work = working_pixels(image, work_size)
+    height, width = work.shape[:2]
     padded_h = -(-height // PAD_MULTIPLE) * PAD_MULTIPLE
     padded_w = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
-    # (1, H, W, 3) memory viewed as (1, 3, H, W): channels-last at no cost
-    pixels = torch.zeros((1, padded_h, padded_w, 3), dtype=torch.float32)
-    pixels[0, :height, :width] = torch.from_numpy(np.array(work)).flip(-1)  # RGB -> BGR
+    pixels = torch.zeros((1, padded_h, padded_w, 3), dtype=torch.uint8)
+    pixels[0, :height, :width] = work
     scale = (image.width / width, image.height / height)
-    return Prepared(pixels.permute(0, 3, 1, 2), (width, height), scale)
+    return Prepared(pixels, (width, height), scale)

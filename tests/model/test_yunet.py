@@ -9,6 +9,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,8 +24,10 @@ from model.people.yunet import (
     candidates,
     decode,
     load_yunet,
+    network_input,
     prepare_input,
     to_original,
+    working_pixels,
 )
 from tests.helpers import tool
 
@@ -103,7 +106,7 @@ def test_the_network_and_decoding_find_what_the_library_finds(net, photos, case)
     assert list(prepared.size) == case["size"]
     with torch.inference_mode():
         # a little under the library's floor of 0.2: a face at 0.2 must not get lost to rounding
-        ours = decode(net(prepared.pixels), prepared.pixels.shape[-2:], score_threshold=0.19)[0]
+        ours = decode(net(network_input(prepared.pixels)), prepared.padded, score_threshold=0.19)[0]
     library = library_rows(case["faces"])
     # the library truncates everything to integers (score to percent): compare ours truncated
     # the same way, within a pixel (x1 = int(x0) + int(w): within two) and a hundredth
@@ -130,7 +133,7 @@ def test_the_network_and_decoding_find_what_the_library_finds(net, photos, case)
 def test_the_group_photo_has_its_eight_faces_with_eyes_above_mouths(net, photos):
     prepared = prepare_input(photos["group"], 640)
     with torch.inference_mode():
-        faces = decode(net(prepared.pixels), prepared.pixels.shape[-2:], score_threshold=0.7)[0]
+        faces = decode(net(network_input(prepared.pixels)), prepared.padded, score_threshold=0.7)[0]
     faces = to_original(faces, prepared.scale)
     assert len(faces) == 8
     points = faces[:, 5:].reshape(-1, 5, 2)  # right eye, left eye, nose, right/left mouth
@@ -237,24 +240,38 @@ def test_a_photo_without_faces_gives_none(net):
     for colour in ((0, 0, 0), (128, 128, 128), (250, 240, 230)):
         prepared = prepare_input(Image.new("RGB", (400, 300), colour), 320)
         with torch.inference_mode():
-            (faces,) = decode(net(prepared.pixels), prepared.pixels.shape[-2:])
+            (faces,) = decode(net(network_input(prepared.pixels)), prepared.padded)
         assert faces.shape == (0, 15)
 
 
 def test_the_input_is_bgr_0_255_zero_padded_to_32_with_the_scale_back():
     photo = Image.new("RGB", (1000, 500), (255, 16, 1))  # red
     prepared = prepare_input(photo, 200)
-    assert prepared.size == (200, 100)
+    assert prepared.size == (200, 100) and prepared.padded == (128, 224)
     assert prepared.scale == (5.0, 5.0)
-    pixels = prepared.pixels
+    assert prepared.pixels.shape == (1, 128, 224, 3) and prepared.pixels.dtype == torch.uint8
+    pixels = network_input(prepared.pixels)  # what the network reads
     assert pixels.shape == (1, 3, 128, 224) and pixels.dtype == torch.float32
     assert pixels.is_contiguous(memory_format=torch.channels_last)
     assert pixels[0, :, :100, :200].amax((1, 2)).tolist() == [1, 16, 255]  # B, G, R
     assert pixels[0, :, :100, :200].amin((1, 2)).tolist() == [1, 16, 255]
     assert pixels[0, :, 100:].abs().sum() == 0 and pixels[0, :, :, 200:].abs().sum() == 0
     small = prepare_input(Image.new("L", (64, 40), 7), 640)  # never upscaled; any mode
-    assert small.size == (64, 40) and small.pixels.shape == (1, 3, 64, 64)
+    assert small.size == (64, 40) and small.pixels.shape == (1, 64, 64, 3)
     assert small.scale == (1.0, 1.0)
+
+
+def test_the_working_size_matches_pils_bilinear_within_a_level():
+    """torch's antialiased bilinear (after a box reduce where the photo is over twice too big)
+    in place of PIL's resize: the same pixels within one level."""
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut()).resize((1700, 1301))  # 2.7x and 6.6x too large
+    for work_size, size in ((640, (640, 490)), (256, (256, 196)), (2000, (1700, 1301))):
+        ours = working_pixels(photo, work_size).numpy().astype(int)
+        pil = photo.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        assert ours.shape == (size[1], size[0], 3)
+        assert abs(ours - np.asarray(pil).astype(int)).max() <= 1
 
 
 def test_to_original_scales_x_and_y_columns():
