@@ -371,12 +371,12 @@ class Tagger:
         if view == "classes":
             return self._class_tags(probabilities, top_k, threshold)
         if self.vocabulary is not None:
-            rolled = self.tag_probabilities(scores if scores is not None else probabilities)
+            whole, rolled = self._rolled(scores if scores is not None else probabilities)
             tags = [
                 Tag(s.label, s.probability, s.path)
                 for s in self.vocabulary.select(rolled, top_k, threshold)
             ]
-            people = self._person_without_face(people, rolled)
+            people = self._person_without_face(people, whole)
         else:  # the classes are the tags
             tags = [
                 Tag(t.label, t.probability, (t.label,))
@@ -391,18 +391,25 @@ class Tagger:
         """One photo's vocabulary tag probabilities (T,): its classes' rolled up; given its
         :class:`Scores` with regions, a tag is as probable as it is on the whole photo or on
         its likeliest region (:mod:`model.regions`)."""
+        return self._rolled(probabilities)[1]
+
+    def _rolled(self, probabilities: torch.Tensor | Scores) -> tuple[torch.Tensor, torch.Tensor]:
+        """One photo's tag probabilities on the whole photo, and as served
+        (:meth:`tag_probabilities`)."""
         assert self.vocabulary is not None
         scores = probabilities if isinstance(probabilities, Scores) else None
         whole = scores.probabilities if scores is not None else probabilities
         rolled = self.vocabulary.roll_up(whole, self.card.task)
         if scores is None or scores.regions is None:
-            return rolled
+            return rolled, rolled
         regional = self.vocabulary.roll_up(scores.regions, self.card.task).amax(0)
-        return torch.maximum(rolled, regional)
+        return rolled, torch.maximum(rolled, regional)
 
     def _person_without_face(self, people: Sequence[Tag], rolled: torch.Tensor) -> Sequence[Tag]:
         """The people tags, with ``person`` from the classifier's categories where people tags
-        are on and no face gave one (:meth:`person_category`)."""
+        are on and no face gave one (:meth:`person_category`). ``rolled``: the whole photo's
+        tag probabilities, on which the evidence rule was measured: the largest over the regions
+        makes a broad category likelier, and doubled the false people (bench/README.md)."""
         if self.people is None or any(t.label == "person" for t in people):
             return people
         found = self.person_category(rolled)

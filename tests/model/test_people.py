@@ -225,3 +225,32 @@ def test_the_tagger_adds_person_from_its_categories_only_where_people_tags_are_o
     assert people(on, green) == [] and people(off, red) == []
     face = Tag("person", 0.8, ("people", "person"))
     assert [t.probability for t in on.tags(red, people=[face]) if t.label == "person"] == [0.8]
+
+
+def test_person_from_categories_reads_the_whole_photo_not_its_likeliest_region(tmp_path):
+    """The evidence rule was measured on the whole photo; the largest over the regions makes a
+    broad category likelier, and doubled the false people on photos without any."""
+    from model.tagger import Scores, Tagger
+    from tests.helpers import TINY_CLASSES, write_tiny_checkpoint
+
+    sport = {"label": "sport", "path": ["sport"], "threshold": 0.5, "classes": ["red"]}
+    tree = {"name": "t", "hidden": ["green", "blue"], "tags": [sport]}
+    path = write_tiny_checkpoint(tmp_path / "t.safetensors", vocabulary=tree)
+    choice = RuntimeChoice.resolve("cpu", "torch", "off")
+    tagger = Tagger.load(path, choice, FaceDetector.load(choice))
+    red = TINY_CLASSES.index("red")
+
+    def scores(whole_red: float, region_red: float) -> Scores:
+        whole = torch.full((len(TINY_CLASSES),), (1 - whole_red) / (len(TINY_CLASSES) - 1))
+        whole[red] = whole_red
+        region = torch.full((len(TINY_CLASSES),), (1 - region_red) / (len(TINY_CLASSES) - 1))
+        region[red] = region_red
+        heads = tagger.custom_heads
+        return Scores(whole, torch.zeros(0), torch.zeros(0), torch.zeros(0), heads, region[None])
+
+    def has_person(s: Scores) -> bool:
+        return any(t.path == ("people", "person") for t in tagger.tags(s))
+
+    assert not has_person(scores(0.2, 0.95))  # only a corner looks like sport
+    assert any(t.label == "sport" for t in tagger.tags(scores(0.2, 0.95)))  # the tag still is
+    assert has_person(scores(0.95, 0.2))
