@@ -61,7 +61,8 @@ def photo_sets(per_cifar_class: int) -> dict[str, list[Path]]:
     root = DATA / "indoor-multilabel"
     sets["kitchen"] = [root / r["path"] for r in rows if KITCHEN & set(r["tags"])]
     sets["indoor-other"] = [root / r["path"] for r in rows if not KITCHEN & set(r["tags"])]
-    sets["coco"] = [DATA / "coco-dev" / r["file"] for r in coco_rows()]
+    if (DATA / "coco-dev/manifest.jsonl").is_file():
+        sets["coco"] = [DATA / "coco-dev" / r["file"] for r in coco_rows()]
     return sets
 
 
@@ -123,7 +124,10 @@ def measure_scene(pool: dict, truth: torch.Tensor, k: int, variant: str, users: 
 
 def encode(tagger: Tagger, sets: dict[str, list[Path]], cache: Path | None) -> dict:
     if cache and cache.exists():
-        return torch.load(cache, weights_only=True)
+        found = torch.load(cache, weights_only=True)
+        if set(found) == set(sets) and all("m" in v for v in found.values()):
+            return found
+        print(f"  {cache} is of other sets or an older version: encoding again", file=sys.stderr)
     out = {}
     for name, paths in sets.items():
         parts = {"p": [], "f": [], "m": []}
@@ -309,7 +313,7 @@ NEAR_COPIES = {"JPEG q50": (1.0, 50), "half size": (0.5, 90), "half size, q50": 
 def suppression(tagger: Tagger, paths: list[Path], encoded) -> dict[str, float]:
     """A vocabulary tag marked wrong on a photo: on what share of its near copies is it
     suppressed (pooled features at least SUPPRESSION_SIMILARITY cosine-similar), and on what
-    share of the other photos of the benchmark (every other one of the 1329)?"""
+    share of the other photos of the benchmark (every other one)?"""
     import io
 
     from PIL import Image
@@ -344,17 +348,33 @@ def heads_cost(tagger: Tagger, batch: int, rounds: int = 2000) -> float:
     from model.custom_tags import CustomHeads, CustomTag
 
     space = tagger.space
-    dims = len(tagger.classes) + (0 if space.center is None else len(space.center))
+    widths = space.widths(len(tagger.classes))  # classes, then the features' parts it has
     tags = [CustomTag.new(f"t{i}", "v", len(tagger.classes)) for i in range(20)]
     for tag in tags:
-        tag.weight, tag.space = torch.randn(dims), space.name
+        tag.weight, tag.space = torch.randn(sum(widths)), space.name
     heads = CustomHeads.of(tags, space)
-    probabilities = torch.softmax(torch.randn(batch, len(tagger.classes)), 1)
-    features = torch.rand(batch, 0 if space.center is None else len(space.center))
+    assert len(heads) == 20
+    num_features, num_mid = [*widths[1:], 0, 0][:2]  # 0: a part this space does not have
+    probabilities = torch.softmax(torch.randn(batch, widths[0]), 1)
+    photos = Examples(probabilities, torch.rand(batch, num_features), torch.rand(batch, num_mid))
     started = time.perf_counter()
     for _ in range(rounds):
-        heads.probabilities(probabilities, features)
+        heads.probabilities(photos)
     return (time.perf_counter() - started) / rounds * 1000
+
+
+def report_scenes(encoded: dict, space: Space, repeats: int) -> None:
+    if "coco" not in encoded:
+        print("\nscenes: skipped (needs ../shared/data/coco-dev)")
+        return
+    pool, labels = scene_pool(encoded)
+    print("\n| scene | photos | k | negatives | precision | recall | F1 |")
+    print("|---|---|---|---|---|---|---|")
+    for scene, truth in labels.items():
+        for variant, users in SCENE_VARIANTS:
+            p, r, f = measure_scene(pool, truth, 10, variant, users, repeats, space)
+            row = f"| {scene} | {int(truth.sum())} | 10 | {variant} | {p:.3f} | {r:.3f} | {f:.3f} |"
+            print(row, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,14 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 p, r, f = measure_seen(view, key, k, seen, args.repeats)
                 row = f"| {concept} | {k} | seen {seen} | {p:.3f} | {r:.3f} | {f:.3f} |"
                 print(row, flush=True)
-    pool, labels = scene_pool(encoded)
-    print("\n| scene | photos | k | negatives | precision | recall | F1 |")
-    print("|---|---|---|---|---|---|---|")
-    for scene, truth in labels.items():
-        for variant, users in SCENE_VARIANTS:
-            p, r, f = measure_scene(pool, truth, 10, variant, users, args.repeats, tagger.space)
-            row = f"| {scene} | {int(truth.sum())} | 10 | {variant} | {p:.3f} | {r:.3f} | {f:.3f} |"
-            print(row, flush=True)
+    report_scenes(encoded, tagger.space, args.repeats)
     if args.quality_only:
         return 0
     ants = sets["ants"]

@@ -345,8 +345,9 @@ def fit(
     builtin: bool = True,
     folds: int = 5,
 ) -> Fit:
-    """Fit a tag on its examples in ``space`` (default: the probabilities only), or in the
-    probabilities only where some examples were kept without features.
+    """Fit a tag on its examples in ``space`` (default: the probabilities only), or in the part
+    of it every example was kept with (:meth:`Space.for_examples`: no mid-level features, or no
+    features at all, in tags written before phototag kept them).
 
     The threshold: with two or more user negatives, the one of best F1 on the out-of-fold scores
     (never under 0.5's neighbourhood of chance: clamped to [0.3, 0.9]); with fewer, halfway

@@ -235,7 +235,7 @@ class Pass:
     feature_map: torch.Tensor  # (1, C, h, w), a leaf that requires grad
     logits: torch.Tensor  # (1, num_classes), temperature-scaled
     features: torch.Tensor  # (1, F), pooled
-    mid: torch.Tensor  # (1, M), mid-level (constant for the map: computed before it)
+    mid: torch.Tensor  # (1, M), mid-level (before the map on a photo-sized crop)
 
     @property
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -167,7 +167,8 @@ class Runtime(Protocol):
     precision: str  # float32, bfloat16 or float16: what the network computes in
 
     def run(self, batch: torch.Tensor) -> Outputs:
-        """Normalised float32 (B, 3, crop, crop) on :attr:`device` -> logits and features."""
+        """Normalised float32 (B, 3, crop, crop) on :attr:`device` -> logits, pooled and
+        mid-level features (:meth:`model.architectures.TaggerNet.outputs`)."""
         ...
 
 

@@ -184,8 +184,8 @@ class Tagger:
         self._explainer_lock = threading.Lock()
         # custom tags are tied to this: what the probabilities their heads read depend on
         self.probabilities_version = probabilities_version(checkpoint.card, checkpoint.state_dict)
-        # what custom tags' heads read: the probabilities and, where the network gives the
-        # mean pooled feature, the features (``space``: already worked out from the network)
+        # what custom tags' heads read: the probabilities and, where the network gives their
+        # means, the pooled and mid-level features (``space``: worked out from the network)
         self.space = space if space is not None else Space.of(checkpoint.build_model("cpu"))
         # replaced whole, never changed in place: a batch reads one or the other
         self.custom_heads = CustomHeads(self.space)
@@ -316,7 +316,7 @@ class Tagger:
         """(B, 3, H, W) uint8 pixels, or (B, 1 + R, 3, H, W) with each photo's regions after it
         (:meth:`views`) -> one forward pass's :class:`Scores`: the class probabilities (as
         :meth:`probabilities`; the regions' apart), every custom tag's (one (D, K) matrix
-        multiply over the batch) and the pooled features, both of the whole photos."""
+        multiply over the batch) and the pooled and mid-level features, all of the whole photos."""
         heads = self.custom_heads  # read once: a swap during the pass waits for the next
         views = batch.shape[1] if batch.dim() == 5 else 0
         batch = batch.to(self.device, non_blocking=True).flatten(0, 1 if views else 0)
@@ -337,7 +337,7 @@ class Tagger:
 
     def _run(self, batch: torch.Tensor) -> Outputs:
         """The runtime's outputs; with the card's TTA, the logits averaged over the views
-        (:mod:`model.tta`) and the features of the photo itself."""
+        (:mod:`model.tta`) and the features (pooled and mid-level) of the photo itself."""
         views = self.tta.views(batch)
         if len(views) == 1:
             return self.runtime.run(batch)

@@ -126,8 +126,8 @@ class NameStore:
         self.root = Path(root)
         self.max_examples = max_examples
         self._lock = threading.Lock()
-        # the gallery as read, and the folder's files then (name, mtime, size): reread when they
-        # change, so names taught or removed by another process (phototag people) are seen
+        # the gallery as read, and the folder's files then (name, inode, mtime, size): read
+        # again when they change, so names another process (phototag people) teaches are seen
         self._gallery: tuple[tuple, Gallery] | None = None
 
     def path(self, name: str) -> Path:
@@ -210,7 +210,8 @@ class NameStore:
         return gallery
 
     def _files(self) -> tuple:
-        """The folder's name files as (name, mtime, size): a few stats, cheap beside a face."""
+        """The folder's name files as (name, inode, mtime, size): a few stats, cheap beside a
+        face. Every write is a rename of a new file, so the inode changes with each."""
         try:
             entries = list(os.scandir(self.root))
         except (FileNotFoundError, NotADirectoryError):  # no names, as names() says
@@ -223,7 +224,7 @@ class NameStore:
                     stat = entry.stat()
                 except FileNotFoundError:  # removed meanwhile
                     continue
-                found.append((stem, stat.st_mtime_ns, stat.st_size))
+                found.append((stem, stat.st_ino, stat.st_mtime_ns, stat.st_size))
         return tuple(sorted(found))
 
     def _read_gallery(self) -> Gallery:
@@ -458,10 +459,10 @@ class Namer:
         """Each face of ``image`` with its name or None, its box scaled to ``size`` (the photo
         as sent, where ``image`` is a JPEG draft; default: the image's own)."""
         boxes = scale_boxes([f.box for f in faces], image.size, size or image.size)
-        gallery = self.store.gallery()
         found: list[Identity | None] = [None] * len(faces)
         named = [i for i, f in enumerate(faces) if f.side >= MIN_NAMED_SIDE]
-        if named and len(gallery):  # nobody taught: no descriptor is computed
+        gallery = self.store.gallery() if named else Gallery.empty()
+        if len(gallery):  # nobody taught: no descriptor is computed
             embeddings = self.embedder.embed(image, [faces[i] for i in named])
             for i, identity in zip(
                 named, identify(embeddings, gallery, self.threshold), strict=True
