@@ -32,7 +32,7 @@ from app.deps import (
     SettingsDep,
     lifespan_state,
 )
-from app.errors import ApiError, ModelNotReady
+from app.errors import ApiError, ModelNotReady, coded_error
 from app.pipeline import Decoder, Tagged, Upload, tag_uploads
 from app.registry import ModelRegistry
 from app.schemas import ErrorResponse, ModelRef
@@ -63,7 +63,7 @@ _STATUS = {
 
 
 def api_error(error: CustomTagError) -> ApiError:
-    return ApiError(_STATUS.get(error.code, 422), error.code, error.message)
+    return coded_error(error, _STATUS)
 
 
 class Estimate(BaseModel):

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from model.errors import CodedError
 from model.imageio import PhotoError
 
 log = logging.getLogger("phototag.errors")
@@ -38,9 +39,15 @@ _PHOTO_STATUS = {
 }
 
 
+def coded_error(error: CodedError, statuses: dict[str, int]) -> ApiError:
+    """A model-side error as the API answers it: its code's status in ``statuses`` (422, the
+    request's content refused, for any other), its code and message."""
+    return ApiError(statuses.get(error.code, 422), error.code, error.message)
+
+
 def photo_error(error: PhotoError) -> ApiError:
     """A photo the model side refused, as the API answers it."""
-    return ApiError(_PHOTO_STATUS.get(error.code, 422), error.code, error.message)
+    return coded_error(error, _PHOTO_STATUS)
 
 
 class Unauthorized(ApiError):

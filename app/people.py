@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from app.auth import AdminKey, ApiKey
 from app.custom_tags import _files, _form
 from app.deps import ERRORS, PHOTO, DecoderDep, RegistryDep, ServedDep, SettingsDep
-from app.errors import ApiError
+from app.errors import ApiError, coded_error
 from app.registry import ModelRegistry
 from app.schemas import ErrorResponse
 from model.explain import scale_boxes
@@ -116,7 +116,7 @@ async def _run(function, *args):
     try:
         return await asyncio.to_thread(function, *args)
     except NamesError as exc:
-        raise ApiError(_STATUS.get(exc.code, 422), exc.code, exc.message) from None
+        raise coded_error(exc, _STATUS) from None
     except OSError as exc:
         raise ApiError(
             503,

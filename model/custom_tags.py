@@ -39,6 +39,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from model.checkpoint import atomic_write_bytes
+from model.errors import CodedError
 
 log = logging.getLogger("phototag.custom_tags")
 
@@ -67,14 +68,9 @@ DEFAULT_THRESHOLD = 0.5
 MIN_THRESHOLD, MAX_THRESHOLD = 0.3, 0.9  # a fitted threshold stays in this range
 
 
-class CustomTagError(ValueError):
+class CustomTagError(CodedError, ValueError):
     """A custom tag cannot be taught, read or found; ``code`` is stable, the message is for a
     person."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def check_name(name: str) -> str:
@@ -221,7 +217,7 @@ class Space:
                 parts.append(F.normalize(part - center, dim=1))
             else:  # none: whatever they were made with
                 parts.append(part.new_zeros(0, len(center)))
-        return torch.cat([part * scale for part, scale in zip(parts, self.scales, strict=True)], 1)
+        return self._scaled(parts)
 
     def prototypes(self, num_classes: int, exclude: torch.Tensor) -> torch.Tensor:
         """The built-in negatives as inputs: one per class not in ``exclude`` (a (C,) bool), a
@@ -234,6 +230,10 @@ class Space:
             parts.append(self.directions[~exclude])
         if self.mid_center is not None:
             parts.append(torch.zeros(len(parts[0]), len(self.mid_center)))
+        return self._scaled(parts)
+
+    def _scaled(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """This space's parts of some photos, each scaled to its share, side by side."""
         return torch.cat([part * scale for part, scale in zip(parts, self.scales, strict=True)], 1)
 
     def widths(self, num_classes: int) -> tuple[int, ...]:

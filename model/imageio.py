@@ -14,6 +14,8 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageOps
 
+from model.errors import CodedError
+
 _WHITE = (255, 255, 255)
 
 
@@ -65,15 +67,10 @@ def open_rgb(path: str) -> Image.Image:
         return to_rgb(upright(image))
 
 
-class PhotoError(ValueError):
+class PhotoError(CodedError, ValueError):
     """Bytes that are not a photo this project takes. ``code`` is stable (``empty_file``,
     ``unsupported_media_type``, ``image_too_large``, ``invalid_image``); ``message`` is for a
     person."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 pillow_heif.register_heif_opener()  # adds Pillow's "HEIF" format: HEIC photos from phones

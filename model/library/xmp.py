@@ -41,6 +41,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring as defused_fromstring
 
 from model.checkpoint import atomic_write_bytes
+from model.errors import CodedError
 
 NS_DC = "http://purl.org/dc/elements/1.1/"
 NS_LR = "http://ns.adobe.com/lightroom/1.0/"
@@ -55,14 +56,9 @@ MAX_PACKET_BYTES = 4 * 1024 * 1024  # a sidecar of keywords and edits is kilobyt
 DEFAULT_ROOT = "auto"
 
 
-class XmpError(Exception):
+class XmpError(CodedError):
     """An XMP file or packet left untouched. ``code``: ``xmp_too_large``, ``xmp_hostile``,
     ``xmp_malformed``, ``xmp_unwritable``, ``embed_unsupported``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from model.checkpoint import atomic_write_bytes
+from model.errors import CodedError
 from model.explain import scale_boxes
 from model.people.detector import Face, FaceDetector
 from model.people.embedding import DESCRIPTOR_DIM, FaceEmbedder, align_faces, load_embedder
@@ -64,13 +65,8 @@ PROBABILITY_SCALE = 0.05
 MIN_NAMED_SIDE = 32.0
 
 
-class NamesError(ValueError):
+class NamesError(CodedError, ValueError):
     """A name cannot be taught, read or found; ``code`` is stable, the message is for a person."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def check_name(name: str) -> str:
@@ -134,11 +130,7 @@ class NameStore:
         return self.root / f"{check_name(name)}{SUFFIX}"
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.stem for p in self.root.glob(f"*{SUFFIX}") if _NAME.match(p.stem) and p.is_file()
-        )
+        return [name for name, *_ in self._files()]
 
     def counts(self) -> dict[str, int]:
         """Each name's number of examples."""
@@ -210,21 +202,24 @@ class NameStore:
         return gallery
 
     def _files(self) -> tuple:
-        """The folder's name files as (name, inode, mtime, size): a few stats, cheap beside a
-        face. Every write is a rename of a new file, so the inode changes with each."""
+        """The folder's name files, sorted by name, as (name, inode, mtime, size): a few stats,
+        cheap beside a face. Every write is a rename of a new file, so the inode changes with
+        each. No folder (or a file in its place): no names."""
         try:
             entries = list(os.scandir(self.root))
-        except (FileNotFoundError, NotADirectoryError):  # no names, as names() says
+        except (FileNotFoundError, NotADirectoryError):
             return ()
         found = []
         for entry in entries:
             stem = entry.name.removesuffix(SUFFIX)
-            if entry.name.endswith(SUFFIX) and _NAME.match(stem):
-                try:
+            if not entry.name.endswith(SUFFIX) or not _NAME.match(stem):
+                continue
+            try:
+                if entry.is_file():
                     stat = entry.stat()
-                except FileNotFoundError:  # removed meanwhile
-                    continue
-                found.append((stem, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+                    found.append((stem, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+            except FileNotFoundError:  # removed meanwhile
+                continue
         return tuple(sorted(found))
 
     def _read_gallery(self) -> Gallery:
