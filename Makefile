@@ -10,13 +10,16 @@ PHOTOTAG_PORT ?= $(or $(PORT),8000)
 export PHOTOTAG_CHECKPOINT PHOTOTAG_HOST PHOTOTAG_PORT
 PYTEST_ARGS ?=
 
-.PHONY: run test test-image lint format checkpoint clean bench bench-serve bench-train
+.PHONY: run test test-image lint format checkpoint clean bench bench-serve bench-train face-photos
 
 run: $(VENV)/.stamp-run $(PHOTOTAG_CHECKPOINT)  ## serve on $PHOTOTAG_HOST:$PHOTOTAG_PORT (0.0.0.0:8000)
 	$(BIN)/python -m app
 
-test: $(VENV)/.stamp-dev  ## run the test suite (all but the Docker image replay)
+test: $(VENV)/.stamp-dev face-photos  ## run the test suite (all but the Docker image replay)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+face-photos: $(VENV)/.stamp-dev  ## real photos of one person on different days (tools/face_photos.py)
+	$(BIN)/python tools/face_photos.py
 
 test-image: $(VENV)/.stamp-dev  ## replay the Dockerfile's build and start outside Docker (minutes)
 	$(BIN)/python -m pytest -m image_build $(PYTEST_ARGS)

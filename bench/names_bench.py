@@ -27,13 +27,16 @@ import argparse
 import io
 import json
 import statistics
+import sys
 import time
+from itertools import combinations
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 from skimage import data
 
+from model.imageio import open_rgb
 from model.people.detector import FaceDetector
 from model.people.embedding import align_faces, load_embedder
 from model.people.names import (
@@ -47,8 +50,12 @@ from model.people.names import (
 )
 from model.runtime import RuntimeChoice
 
+NO_FACE_PHOTOS = "skipped: fetch the photos with `python tools/face_photos.py`"
 LINES = (0.45, 0.5, 0.55, 0.6)
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import face_photos  # noqa: E402  (tools/ is no package)
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -115,6 +122,50 @@ def identification(detector, embedder, taught, gallery, stranger) -> dict:
     result["genuine_distance"] = {"max": max(distances), "median": statistics.median(distances)}
     result["per_trial"] = [(n, v, d and round(d, 3)) for n, v, d, _ in trials]
     return result
+
+
+def other_days(detector, embedder, people: dict[str, list[Path]]) -> dict:
+    """Taught from one or two photos of a person, named on their photos of other days, alone and
+    beside another person (tools/face_photos.py); that other person must get no name."""
+    images = {n: [open_rgb(p) for p in paths] for n, paths in people.items()}
+    (name, photos), (_, [other]) = images.items()
+    descriptor = {i: faces_of(detector, embedder, im)[1][:1] for i, im in enumerate(photos)}
+    files = [p.name for p in people[name]]
+    trials = []  # (taught from, shown, alone?, each face's distance to the taught, left first)
+    for taught in [(i,) for i in descriptor] + list(combinations(descriptor, 2)):
+        gallery = gallery_of({name: torch.cat([descriptor[i] for i in taught])})
+        for shown in set(descriptor) - set(taught):
+            for alone, image in ((True, photos[shown]), (False, beside(photos[shown], other))):
+                faces, embeddings = faces_of(detector, embedder, image)
+                order = sorted(range(len(faces)), key=lambda i: faces[i].box[0])
+                distances = torch.cdist(embeddings[order], gallery.embeddings).min(1).values
+                distances = [round(float(d), 3) for d in distances]
+                trials.append(([files[i] for i in taught], files[shown], alone, distances))
+    result: dict = {"trials": len(trials)}
+    for line in LINES:
+        result[f"{line}"] = {
+            "named_right": sum(t[3][0] < line for t in trials) / len(trials),
+            "other_person_named": sum(d < line for t in trials for d in t[3][1:]),
+        }
+    result["per_trial"] = trials
+    return result
+
+
+def beside(image: Image.Image, other: Image.Image) -> Image.Image:
+    """The two photos side by side, ``image`` on the left, at ``image``'s height."""
+    other = other.resize((round(other.width * image.height / other.height), image.height))
+    both = Image.new("RGB", (image.width + other.width, image.height))
+    both.paste(image, (0, 0))
+    both.paste(other, (image.width, 0))
+    return both
+
+
+def descriptors(detector, embedder, path: Path) -> torch.Tensor:
+    return faces_of(detector, embedder, open_rgb(path))[1]
+
+
+def gallery_people(gallery: Gallery) -> dict[str, torch.Tensor]:
+    return {name: gallery_embeddings(gallery, name) for name in gallery.names}
 
 
 def gallery_embeddings(gallery: Gallery, name: str) -> torch.Tensor:
@@ -190,12 +241,18 @@ def main() -> None:
         "Cameraman": Image.fromarray(data.camera()).convert("RGB"),
     }
     gallery = gallery_of({n: faces_of(detector, embedder, im)[1] for n, im in taught.items()})
+    people = face_photos.photos()
+    if people is not None:  # the strangers meet these people's every photo too
+        known = {n: torch.cat([descriptors(detector, embedder, p) for p in ps])
+                 for n, ps in people.items()}  # fmt: skip
+        gallery = gallery_of({**gallery_people(gallery), **known})
     coco = args.data / "coco-dev"
     stranger = Image.open(sorted(coco.glob("*.jpg"))[0]).convert("RGB") if coco.is_dir() else (
         Image.new("RGB", (320, 320), (120, 120, 120)))  # fmt: skip
     report = {
         "line": MATCH_DISTANCE,
         "identification": identification(detector, embedder, taught, gallery, stranger),
+        "other_days": other_days(detector, embedder, people) if people else NO_FACE_PHOTOS,
         "strangers": strangers(detector, embedder, coco, gallery) if coco.is_dir() else None,
         "time": timing(choice, taught["Eileen"], detector),
     }

@@ -118,6 +118,15 @@ def shared_data(name: str) -> Path:
     return path
 
 
+def face_photos() -> dict[str, list[Path]]:
+    """Real photos of one person on different days (tools/face_photos.py), or skip the test with
+    a clear message where they have not been fetched."""
+    people = tool("face_photos").photos()
+    if people is None:
+        pytest.skip("needs the face photos: run `python tools/face_photos.py` (make test does)")
+    return people
+
+
 def tool(name: str) -> ModuleType:
     """A script of tools/ (``convert_yunet_weights``, ...) as a module: tools/ is no package."""
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")

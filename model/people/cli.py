@@ -7,7 +7,8 @@
     phototag people suggest results.jsonl   # faces nobody named yet, grouped by person
 
 The names live in ``names/`` beside the checkpoint (the server's default too:
-PHOTOTAG_NAMES_DIR), so a name taught here is served after the next restart.
+PHOTOTAG_NAMES_DIR); a running server on the folder sees a name taught or removed here at its
+next photo with a face.
 """
 
 from __future__ import annotations

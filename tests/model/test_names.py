@@ -23,6 +23,7 @@ from model.people.names import (
     probability,
 )
 from model.runtime import RuntimeChoice
+from tests.helpers import face_photos
 
 
 def unit(*values: float) -> torch.Tensor:
@@ -134,6 +135,37 @@ def test_a_teaching_photo_shows_one_face_or_a_box_picks_one():
     with pytest.raises(NamesError) as error:
         pick_face([face(0, 0), face(100, 0)], (300, 300, 350, 350))
     assert error.value.code == "no_face"
+
+
+def test_a_person_taught_from_one_photo_is_named_on_photos_of_other_days_a_stranger_is_not(
+    tmp_path,
+):
+    """Real photos of one person on three occasions (tools/face_photos.py): taught from one,
+    named on the other two, alone or beside another person; that person gets no name."""
+    from PIL import Image
+
+    from model.imageio import open_rgb
+    from model.people.detector import FaceDetector
+    from model.people.names import Embedder, Namer
+
+    people = face_photos()
+    choice = RuntimeChoice.resolve("cpu")
+    detector, store = FaceDetector.load(choice), NameStore(tmp_path)
+    namer = Namer(Embedder.load(choice), store)
+    taught, *others = (open_rgb(p) for p in people["Obama"])
+    stranger = open_rgb(people["Biden"][0])
+    store.add("Obama", namer.example(detector, taught))
+
+    def names(image: Image.Image) -> list[str | None]:
+        found = namer.name(image, detector.detect(image))
+        return [f.name for f in sorted(found, key=lambda f: f.box[0])]
+
+    assert [names(photo) for photo in others] == [["Obama"], ["Obama"]]
+    assert names(stranger) == [None]
+    together = Image.new("RGB", (others[1].width + stranger.width, others[1].height))
+    together.paste(others[1], (0, 0))
+    together.paste(stranger, (others[1].width, 0))
+    assert names(together) == ["Obama", None]
 
 
 def test_openvino_gives_the_descriptors_torch_does():
