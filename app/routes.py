@@ -258,7 +258,7 @@ def vocabulary_tags(tagger: Tagger, language: Language) -> list[VocabularyTag] |
     return [
         VocabularyTag(
             **language.names(tag.label, tag.path),
-            threshold=tag.threshold,
+            threshold=tag.threshold_for(whole=not tagger.regions),
             classes=[vocabulary.classes[i] for i in members],
         )
         for tag, members in zip(vocabulary.tags, vocabulary.gathered, strict=True)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # The default checkpoint as the examples show it (python -m model.pretrained builds this version).
-EXAMPLE_MODEL = {"id": "default", "name": "imagenet-efficientnet-lite0", "version": "55f63f2ff122"}
+EXAMPLE_MODEL = {"id": "default", "name": "imagenet-efficientnet-lite0", "version": "34af72e0fef7"}
 
 
 class ErrorDetail(BaseModel):
@@ -73,7 +73,10 @@ class VocabularyTag(BaseModel):
     path_labels: list[str] | None = Field(
         None, description=_PATH_LABELS, examples=[["Tier", "Katze"]]
     )
-    threshold: float = Field(description="The probability from which the tag is returned.")
+    threshold: float = Field(
+        description="The probability from which the tag is returned, as this server reads "
+        "photos (with regions, or the whole photo alone: PHOTOTAG_REGIONS)."
+    )
     classes: list[str] = Field(
         description="The network classes it gathers (its own and its descendants').",
         examples=[["tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"]],

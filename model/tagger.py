@@ -53,6 +53,7 @@ from model.preprocess import normalize, resize_and_crop
 from model.regions import DEFAULT as DEFAULT_REGIONS
 from model.regions import check as check_regions
 from model.regions import crop as crop_regions
+from model.regions import merge as merge_regions
 from model.runtime import Outputs, Runtime, RuntimeChoice, create_runtime
 from model.tta import TTA
 from model.vocabulary import Vocabulary
@@ -374,7 +375,7 @@ class Tagger:
             whole, rolled = self._rolled(scores if scores is not None else probabilities)
             tags = [
                 Tag(s.label, s.probability, s.path)
-                for s in self.vocabulary.select(rolled, top_k, threshold)
+                for s in self.vocabulary.select(rolled, top_k, threshold, whole=not self.regions)
             ]
             people = self._person_without_face(people, whole)
         else:  # the classes are the tags
@@ -389,8 +390,8 @@ class Tagger:
 
     def tag_probabilities(self, probabilities: torch.Tensor | Scores) -> torch.Tensor:
         """One photo's vocabulary tag probabilities (T,): its classes' rolled up; given its
-        :class:`Scores` with regions, a tag is as probable as it is on the whole photo or on
-        its likeliest region (:mod:`model.regions`)."""
+        :class:`Scores` with regions, the whole photo's merged with its likeliest region's
+        (:func:`model.regions.merge`)."""
         return self._rolled(probabilities)[1]
 
     def _rolled(self, probabilities: torch.Tensor | Scores) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,8 +403,8 @@ class Tagger:
         rolled = self.vocabulary.roll_up(whole, self.card.task)
         if scores is None or scores.regions is None:
             return rolled, rolled
-        regional = self.vocabulary.roll_up(scores.regions, self.card.task).amax(0)
-        return rolled, torch.maximum(rolled, regional)
+        regional = self.vocabulary.roll_up(scores.regions, self.card.task)
+        return rolled, merge_regions(rolled, regional)
 
     def _person_without_face(self, people: Sequence[Tag], rolled: torch.Tensor) -> Sequence[Tag]:
         """The people tags, with ``person`` from the classifier's categories where people tags

@@ -13,6 +13,9 @@ sums those as well, so a class can count towards its own tag and towards scenes.
 
 A photo gets its most specific confident tags: every tag at or above its threshold whose
 descendants are all below theirs ("cat", not also "animal"; "bird" when no species is sure).
+A tag may have a second threshold for the whole photo read alone (``whole_threshold``): the
+first is for what is served by default, the whole photo merged with its regions
+(:mod:`model.regions`), where a tag is likelier, so it is stricter.
 The vocabulary travels in the checkpoint's card; a checkpoint without one has its classes as
 tags. Hidden classes are noise for photo tagging: no tag gathers them.
 """
@@ -42,6 +45,13 @@ class VocabularyTag:
     threshold: float
     classes: tuple[str, ...]  # the network classes assigned to this tag itself
     evidence: tuple[str, ...] = ()  # classes of other tags that count towards this one too
+    whole_threshold: float | None = None  # for the whole photo alone; None: ``threshold``
+
+    def threshold_for(self, whole: bool) -> float:
+        """Its threshold for probabilities of the whole photo alone, or merged with regions."""
+        return (
+            self.whole_threshold if whole and self.whole_threshold is not None else self.threshold
+        )
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ class Vocabulary:
                     float(t.get("threshold", 0.5)),
                     tuple(str(c) for c in t.get("classes", ())),
                     tuple(str(c) for c in t.get("evidence", ())),
+                    None if t.get("whole_threshold") is None else float(t["whole_threshold"]),
                 )
                 for t in data["tags"]
             ]
@@ -98,6 +109,11 @@ class Vocabulary:
                     "threshold": t.threshold,
                     "classes": list(t.classes),
                     **({"evidence": list(t.evidence)} if t.evidence else {}),
+                    **(
+                        {"whole_threshold": t.whole_threshold}
+                        if t.whole_threshold is not None
+                        else {}
+                    ),
                 }
                 for t in self.tags
             ],
@@ -135,8 +151,9 @@ class Vocabulary:
                 raise VocabularyError(
                     f"tag {tag.label!r}: its parent {SEPARATOR.join(tag.path[:-1])} is not a tag"
                 )
-            if not 0 <= tag.threshold <= 1:
-                raise VocabularyError(f"tag {tag.label!r}: threshold {tag.threshold} not in [0, 1]")
+            for value in (tag.threshold, tag.threshold_for(whole=True)):
+                if not 0 <= value <= 1:
+                    raise VocabularyError(f"tag {tag.label!r}: threshold {value} not in [0, 1]")
             unknown = [c for c in (*tag.classes, *tag.evidence) if c not in known]
             if unknown:
                 raise VocabularyError(f"tag {tag.label!r} gathers unknown classes: {unknown[:5]}")
@@ -177,8 +194,12 @@ class Vocabulary:
         return [[self._by_path[tag.path[:d]] for d in range(1, len(tag.path))] for tag in self.tags]
 
     @cached_property
-    def thresholds(self) -> torch.Tensor:
-        return torch.tensor([t.threshold for t in self.tags])
+    def _thresholds(self) -> dict[bool, torch.Tensor]:
+        return {w: torch.tensor([t.threshold_for(w) for t in self.tags]) for w in (False, True)}
+
+    def thresholds(self, whole: bool = False) -> torch.Tensor:
+        """(T,) each tag's threshold, for the whole photo alone or merged with its regions."""
+        return self._thresholds[whole]
 
     # ---- scoring
 
@@ -191,13 +212,19 @@ class Vocabulary:
         return masked.amax(dim=-2)
 
     def select(
-        self, tag_probabilities: torch.Tensor, top_k: int, threshold: float | None = None
+        self,
+        tag_probabilities: torch.Tensor,
+        top_k: int,
+        threshold: float | None = None,
+        whole: bool = False,
     ) -> list[Scored]:
         """One photo's (num_tags,) probabilities -> its most specific confident tags, most
-        probable first, at most ``top_k``. ``threshold`` replaces every tag's own."""
-        limits = (
-            self.thresholds if threshold is None else torch.full_like(self.thresholds, threshold)
-        )
+        probable first, at most ``top_k``. ``whole``: the probabilities are the whole photo's
+        alone, not merged with regions (:meth:`thresholds`). ``threshold`` replaces every
+        tag's own."""
+        limits = self.thresholds(whole)
+        if threshold is not None:
+            limits = torch.full_like(limits, threshold)
         confident = (tag_probabilities >= limits).tolist()
         covered = [False] * len(self.tags)
         for t, sure in enumerate(confident):
@@ -360,7 +387,13 @@ def fit_rolled_thresholds(
 
 def apply_thresholds(data: dict[str, Any], fitted: dict[str, Any], default: float) -> None:
     """Write ``fitted`` thresholds (from :func:`fit_thresholds`) into vocabulary JSON ``data``:
-    a tag's own, else its depth's, else ``default``."""
+    a tag's own, else its depth's, else ``default``; and where ``fitted`` has ``whole`` (the
+    same, fitted for the whole photo alone), each tag's ``whole_threshold`` likewise."""
     for tag in data["tags"]:
         level = str(min(len(tag["path"]), 2))
         tag["threshold"] = fitted["tags"].get(tag["label"], fitted["depth"].get(level, default))
+        if "whole" in fitted:
+            whole = fitted["whole"]
+            tag["whole_threshold"] = whole["tags"].get(
+                tag["label"], whole["depth"].get(level, default)
+            )

@@ -97,18 +97,22 @@ def test_the_shipped_vocabulary_tags_every_class_it_does_not_hide():
     )
 
 
+@pytest.mark.parametrize("regions", [0, 4])
 @pytest.mark.parametrize(
     ("photo", "expected"),
     [("chelsea", ("animal", "cat")), ("coffee", ("drink", "coffee"))],
 )
-def test_everyday_photos_get_the_tag_a_person_would_write(default_checkpoint, photo, expected):
+def test_everyday_photos_get_the_tag_a_person_would_write(
+    default_checkpoint, photo, expected, regions
+):
+    """Served with regions (the default) or the whole photo alone, each at its thresholds."""
     import io
 
     from tests.helpers import load_tagger
 
     buffer = io.BytesIO()
     Image.fromarray(getattr(skimage_data, photo)()).save(buffer, format="JPEG", quality=90)
-    tags = load_tagger(default_checkpoint).tag(buffer.getvalue())
+    tags = load_tagger(default_checkpoint, regions=regions).tag(buffer.getvalue())
     assert tags and tags[0].path == expected, tags
 
 

@@ -1,5 +1,5 @@
-"""Regions: the whole photo and its four corners in one forward pass; each tag as probable as on
-the whole photo or its likeliest region; the whole photo's probabilities unchanged."""
+"""Regions: the whole photo and its four corners in one forward pass; each tag's probability the
+whole photo's merged with its likeliest region's; the whole photo's probabilities unchanged."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def photo_with_a_red_corner() -> bytes:
     return buffer.getvalue()
 
 
-def test_a_tag_is_as_probable_as_on_its_likeliest_view_and_the_whole_photo_is_unchanged(
+def test_a_tag_merges_the_whole_photo_and_its_likeliest_region_the_whole_photo_unchanged(
     tmp_path,
 ):
     checkpoint = write_tiny_checkpoint(tmp_path / "v.safetensors", vocabulary=TREE)
@@ -48,5 +48,14 @@ def test_a_tag_is_as_probable_as_on_its_likeliest_view_and_the_whole_photo_is_un
     views = parts.vocabulary.roll_up(
         torch.cat([scores.probabilities[None], scores.regions]), "single_label"
     )
-    assert torch.allclose(served, views.amax(0))
-    assert bool((served >= parts.tag_probabilities(alone) - 1e-6).all())
+    assert torch.allclose(served, 1 - (1 - views[0]) * (1 - views[1:].amax(0)))
+    assert bool((served >= views.amax(0) - 1e-6).all())
+    assert torch.equal(parts.tag_probabilities(alone), whole.tag_probabilities(alone))
+
+
+def test_merging_two_views_that_both_see_a_tag_makes_it_surer_than_either():
+    whole = torch.tensor([0.6, 0.0, 0.9, 1.0])
+    regional = torch.tensor([[0.5, 0.0, 0.0, 0.2], [0.1, 0.7, 0.0, 0.0]])
+    merged = regions.merge(whole, regional)
+    assert torch.allclose(merged, torch.tensor([0.8, 0.7, 0.9, 1.0]))
+    assert torch.equal(regions.merge(whole, torch.zeros(0, 4)), whole)

@@ -71,6 +71,31 @@ def test_an_explicit_threshold_replaces_every_tags_own():
     assert labels(v.select(rolled, 5, threshold=0.0)) == ["blue", "warm"]  # the leaves
 
 
+def test_the_whole_photo_alone_answers_to_its_own_thresholds_where_it_has_them():
+    import copy
+
+    from model.vocabulary import apply_thresholds
+
+    data = copy.deepcopy(TREE)
+    data["tags"][3]["whole_threshold"] = 0.25  # blue, read on the whole photo alone
+    v = Vocabulary.from_dict(data, TINY_CLASSES)
+    rolled = torch.tensor([1.0, 0.2, 0.7, 0.3])
+    assert labels(v.select(rolled, 5)) == ["cool"]  # merged with regions: blue's 0.5
+    assert labels(v.select(rolled, 5, whole=True)) == ["blue"]
+    assert v.thresholds(whole=True).tolist() == pytest.approx([0.9, 0.5, 0.6, 0.25])
+    assert Vocabulary.from_dict(v.to_dict(), TINY_CLASSES).to_dict() == v.to_dict()
+    assert "whole_threshold" not in str(vocabulary().to_dict())  # none: the one threshold
+    fitted = {"tags": {"blue": 0.4}, "depth": {"1": 0.8, "2": 0.7},
+              "whole": {"tags": {}, "depth": {"1": 0.6, "2": 0.3}}}  # fmt: skip
+    apply_thresholds(data, fitted, default=0.5)
+    assert [(t["threshold"], t["whole_threshold"]) for t in data["tags"]] == [
+        (0.8, 0.6), (0.7, 0.3), (0.7, 0.3), (0.4, 0.3)
+    ]  # fmt: skip
+    data["tags"][0]["whole_threshold"] = 1.2
+    with pytest.raises(VocabularyError, match="not in"):
+        Vocabulary.from_dict(data, TINY_CLASSES)
+
+
 def test_paths_and_scored_tags_carry_the_tree():
     [scored] = vocabulary().select(torch.tensor([1.0, 0.0, 1.0, 1.0]), 5)
     assert scored.path == ("colour", "cool", "blue") and scored.probability == 1.0
