@@ -59,3 +59,16 @@ def test_merging_two_views_that_both_see_a_tag_makes_it_surer_than_either():
     merged = regions.merge(whole, regional)
     assert torch.allclose(merged, torch.tensor([0.8, 0.7, 0.9, 1.0]))
     assert torch.equal(regions.merge(whole, torch.zeros(0, 4)), whole)
+
+
+def test_the_whole_photo_alone_is_tagged_at_its_own_thresholds(tmp_path):
+    """PHOTOTAG_REGIONS=0 serves each tag's whole_threshold, the default its threshold."""
+    import copy
+
+    tree = copy.deepcopy(TREE)
+    tree["tags"][3].update(threshold=0.8, whole_threshold=0.6)  # blue
+    checkpoint = write_tiny_checkpoint(tmp_path / "v.safetensors", vocabulary=tree)
+    probabilities = torch.tensor([0.1, 0.2, 0.7])  # red, green, blue: cool 0.9, blue 0.7
+    with_regions, alone = load_tagger(checkpoint, regions=4), load_tagger(checkpoint)
+    assert [t.label for t in with_regions.tags(probabilities)] == ["cool"]
+    assert [t.label for t in alone.tags(probabilities)] == ["blue"]
