@@ -18,8 +18,9 @@ run: $(VENV)/.stamp-run $(PHOTOTAG_CHECKPOINT)  ## serve on $PHOTOTAG_HOST:$PHOT
 test: $(VENV)/.stamp-dev face-photos  ## run the test suite (all but the Docker image replay)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Offline, the fetch fails and the test that reads the photos skips, saying so (CI requires them).
 face-photos: $(VENV)/.stamp-dev  ## real photos of one person on different days (tools/face_photos.py)
-	$(BIN)/python tools/face_photos.py
+	-$(BIN)/python tools/face_photos.py
 
 test-image: $(VENV)/.stamp-dev  ## replay the Dockerfile's build and start outside Docker (minutes)
 	$(BIN)/python -m pytest -m image_build $(PYTEST_ARGS)

@@ -27,6 +27,7 @@ from model.checkpoint import CheckpointError
 from model.custom_tags import CustomTagStore
 from model.people import FaceDetector
 from model.people.names import Embedder, Namer, NameStore
+from model.pretrained import outdated_vocabulary
 from model.tagger import Tagger
 from model.teach import serve_tags
 
@@ -189,6 +190,13 @@ class ModelRegistry:
         tagger = Tagger.load(
             path, self.plan.runtime, self.people, self.settings.regions, self.names
         )
+        if outdated_vocabulary(tagger.card):
+            log.warning(
+                "%s (%s) carries an earlier build of the ImageNet vocabulary, its thresholds "
+                "fitted for an earlier phototag: rebuild it with `python -m model.pretrained "
+                "--out %s` for the current one",
+                model_id, path, path,
+            )  # fmt: skip
         if self.custom_tags is not None:
             tags = serve_tags(self.custom_tags, model_id, tagger)
             stale = [t.name for t in tags if t.stale(tagger.probabilities_version)]

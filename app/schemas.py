@@ -126,7 +126,7 @@ class TagResponse(BaseModel):
                         {
                             "filename": "cat.jpg",
                             "tags": [
-                                {"label": "cat", "probability": 0.86, "path": ["animal", "cat"]}
+                                {"label": "cat", "probability": 0.99, "path": ["animal", "cat"]}
                             ],
                         },
                         {

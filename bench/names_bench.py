@@ -66,9 +66,6 @@ def jpeg(image: Image.Image, quality: int) -> Image.Image:
 
 def variants(image: Image.Image, stranger: Image.Image) -> dict[str, Image.Image]:
     w, h = image.size
-    both = Image.new("RGB", (w + stranger.width, max(h, stranger.height)))
-    both.paste(image, (0, 0))
-    both.paste(stranger, (w, 0))
     out = {
         "mirror": ImageOps.mirror(image),
         "crop": image.crop((w // 8, 0, w, h * 7 // 8)),
@@ -76,7 +73,7 @@ def variants(image: Image.Image, stranger: Image.Image) -> dict[str, Image.Image
         "brighter": ImageEnhance.Brightness(image).enhance(1.4),
         "rotate8": image.rotate(8, expand=True, fillcolor=(0, 0, 0)),
         "jpeg30": jpeg(image, 30),
-        "beside_stranger": both,
+        "beside_stranger": beside(image, stranger),
     }
     for scale in (1.0, 0.7, 0.55, 0.4):
         out[f"scale{scale}"] = image.resize((round(w * scale), round(h * scale)))
@@ -160,14 +157,6 @@ def beside(image: Image.Image, other: Image.Image) -> Image.Image:
     return both
 
 
-def descriptors(detector, embedder, path: Path) -> torch.Tensor:
-    return faces_of(detector, embedder, open_rgb(path))[1]
-
-
-def gallery_people(gallery: Gallery) -> dict[str, torch.Tensor]:
-    return {name: gallery_embeddings(gallery, name) for name in gallery.names}
-
-
 def gallery_embeddings(gallery: Gallery, name: str) -> torch.Tensor:
     return gallery.embeddings[gallery.owners == gallery.names.index(name)]
 
@@ -240,12 +229,11 @@ def main() -> None:
         "Eileen": Image.fromarray(data.astronaut()),
         "Cameraman": Image.fromarray(data.camera()).convert("RGB"),
     }
-    gallery = gallery_of({n: faces_of(detector, embedder, im)[1] for n, im in taught.items()})
+    known = {n: faces_of(detector, embedder, im)[1] for n, im in taught.items()}
     people = face_photos.photos()
-    if people is not None:  # the strangers meet these people's every photo too
-        known = {n: torch.cat([descriptors(detector, embedder, p) for p in ps])
-                 for n, ps in people.items()}  # fmt: skip
-        gallery = gallery_of({**gallery_people(gallery), **known})
+    for name, paths in (people or {}).items():  # every photo of these people is taught too
+        known[name] = torch.cat([faces_of(detector, embedder, open_rgb(p))[1] for p in paths])
+    gallery = gallery_of(known)
     coco = args.data / "coco-dev"
     stranger = Image.open(sorted(coco.glob("*.jpg"))[0]).convert("RGB") if coco.is_dir() else (
         Image.new("RGB", (320, 320), (120, 120, 120)))  # fmt: skip

@@ -28,6 +28,8 @@ expect on new photos). ``--cache`` keeps the network's outputs, so a refit takes
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import sys
 import time
@@ -126,6 +128,16 @@ def served(tagger: Tagger, photos: list[Path]) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(rolled), torch.stack(whole)
 
 
+CACHE_KEY = "_served_by"
+
+
+def cache_key(tagger: Tagger, regions_count: int) -> dict[str, str | int]:
+    """What the cached tag probabilities depend on: the network's probabilities, the regions
+    and the rule that merges them (its source)."""
+    rule = hashlib.sha256(inspect.getsource(regions.merge).encode()).hexdigest()[:12]
+    return {"probabilities": tagger.probabilities_version, "regions": regions_count, "merge": rule}
+
+
 def truths(v: vocab.Vocabulary, tags: list[list[str]]) -> list[set[int]]:
     """Truth tags -> the class indices they gather."""
     index = {tag.label: t for t, tag in enumerate(v.tags)}
@@ -222,6 +234,9 @@ def main() -> None:
     v = vocab.Vocabulary.from_dict(vocab.shipped(), tagger.classes)
     started = time.perf_counter()
     cached = torch.load(args.cache) if args.cache and args.cache.exists() else {}
+    key = cache_key(tagger, args.regions)
+    if cached.get(CACHE_KEY) != key:  # another network, regions setting or merge rule
+        cached = {CACHE_KEY: key}
     measured = {}
     for name, rows in sets.items():
         if name not in cached:  # the network's probabilities; thresholds apply afterwards
@@ -305,9 +320,11 @@ def cross_validated(v: vocab.Vocabulary, measured: dict, args: argparse.Namespac
     set: fitted on one half, measured on the other, and the other way round (the shipped fit is
     one such half; with sets this small, which half moves its figures by several points)."""
     verdicts: dict[str, list[list[bool]]] = {name: [] for name in measured}
-    for seed in range(args.splits):
-        generator = torch.Generator().manual_seed(seed)
-        order = {n: torch.randperm(len(m[0]), generator=generator) for n, m in measured.items()}
+    for seed in range(args.splits):  # each set's halving its own: the same whichever sets exist
+        order = {
+            n: torch.randperm(len(m[0]), generator=torch.Generator().manual_seed(seed))
+            for n, m in measured.items()
+        }
         for half in (0, 1):
             fit_on = {n: o[half::2] for n, o in order.items()}
             halves = {n: (m[0][fit_on[n]], m[1][fit_on[n]]) for n, m in measured.items()}

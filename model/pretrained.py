@@ -79,6 +79,16 @@ def default_card(name: str | None = None, backbone: str = DEFAULT_BACKBONE) -> M
     )
 
 
+def outdated_vocabulary(card: ModelCard) -> bool:
+    """Whether a checkpoint carries an earlier build of the shipped ImageNet vocabulary (its
+    thresholds fitted for an earlier phototag): rebuilding it with :func:`default_card` gives
+    the current one. A vocabulary of another name (a trained checkpoint's) is never outdated."""
+    current = vocabulary.shipped("imagenet")
+    if card.vocabulary is None or card.vocabulary.get("name") != current.get("name"):
+        return False
+    return card.vocabulary.get("tags") != current.get("tags")
+
+
 def build_default_checkpoint(
     out: str | Path,
     name: str | None = None,

@@ -373,9 +373,10 @@ class Tagger:
             return self._class_tags(probabilities, top_k, threshold)
         if self.vocabulary is not None:
             whole, rolled = self._rolled(scores if scores is not None else probabilities)
+            alone = scores is None or scores.regions is None  # the whole photo's, no regions'
             tags = [
                 Tag(s.label, s.probability, s.path)
-                for s in self.vocabulary.select(rolled, top_k, threshold, whole=not self.regions)
+                for s in self.vocabulary.select(rolled, top_k, threshold, whole=alone)
             ]
             people = self._person_without_face(people, whole)
         else:  # the classes are the tags
@@ -409,8 +410,8 @@ class Tagger:
     def _person_without_face(self, people: Sequence[Tag], rolled: torch.Tensor) -> Sequence[Tag]:
         """The people tags, with ``person`` from the classifier's categories where people tags
         are on and no face gave one (:meth:`person_category`). ``rolled``: the whole photo's
-        tag probabilities, on which the evidence rule was measured: the largest over the regions
-        makes a broad category likelier, and doubled the false people (bench/README.md)."""
+        tag probabilities, on which the evidence rule was measured: read with the regions, a broad
+        category is likelier, and the false people doubled (bench/README.md)."""
         if self.people is None or any(t.label == "person" for t in people):
             return people
         found = self.person_category(rolled)
@@ -512,7 +513,8 @@ class Tagger:
 
     def explain(self, pixels: torch.Tensor, tag: str | None = None, view: View = "tags") -> Heatmap:
         """uint8 (3, crop, crop) -> where the evidence for ``tag`` is (default: the photo's top
-        tag, the first :meth:`tags` returns, else its most probable tag of all). Thread-safe."""
+        tag of the whole photo, the first :meth:`tags` returns for it, else its most probable
+        tag of all). Thread-safe."""
         explainer = self.explainer()
         target = None if tag is None else self.target(tag, view)  # refused before any work
         forward = explainer.forward(pixels)

@@ -15,7 +15,7 @@ A photo gets its most specific confident tags: every tag at or above its thresho
 descendants are all below theirs ("cat", not also "animal"; "bird" when no species is sure).
 A tag may have a second threshold for the whole photo read alone (``whole_threshold``): the
 first is for what is served by default, the whole photo merged with its regions
-(:mod:`model.regions`), where a tag is likelier, so it is stricter.
+(:mod:`model.regions`), where a tag is likelier; each is fitted for what it reads.
 The vocabulary travels in the checkpoint's card; a checkpoint without one has its classes as
 tags. Hidden classes are noise for photo tagging: no tag gathers them.
 """
@@ -264,7 +264,7 @@ def tag_report(
     index = {tag.label: t for t, tag in enumerate(vocabulary.tags)}
     verdicts, per_tag = [], {}
     for photo, truth in zip(rolled, truths, strict=True):
-        chosen = vocabulary.select(photo, top_k)
+        chosen = vocabulary.select(photo, top_k, whole=True)  # the photo read whole
         verdicts.append([bool(gathered[index[s.label]] & truth) for s in chosen])
         for scored, verdict in zip(chosen, verdicts[-1], strict=True):
             counts = per_tag.setdefault(scored.label, [0, 0])
@@ -392,6 +392,7 @@ def apply_thresholds(data: dict[str, Any], fitted: dict[str, Any], default: floa
     for tag in data["tags"]:
         level = str(min(len(tag["path"]), 2))
         tag["threshold"] = fitted["tags"].get(tag["label"], fitted["depth"].get(level, default))
+        tag.pop("whole_threshold", None)  # a value of an earlier fit would not fit this one
         if "whole" in fitted:
             whole = fitted["whole"]
             tag["whole_threshold"] = whole["tags"].get(

@@ -228,8 +228,8 @@ def test_the_tagger_adds_person_from_its_categories_only_where_people_tags_are_o
 
 
 def test_person_from_categories_reads_the_whole_photo_not_its_likeliest_region(tmp_path):
-    """The evidence rule was measured on the whole photo; the largest over the regions makes a
-    broad category likelier, and doubled the false people on photos without any."""
+    """The evidence rule was measured on the whole photo; read with the regions, a broad
+    category is likelier, and the false people doubled on photos without any."""
     from model.tagger import Scores, Tagger
     from tests.helpers import TINY_CLASSES, write_tiny_checkpoint
 

@@ -138,3 +138,20 @@ def test_the_api_examples_show_the_default_checkpoints_version(default_checkpoin
         f'"version": "{EXAMPLE_MODEL["version"]}"'
         in (Path(__file__).resolve().parents[2] / "README.md").read_text()
     )
+
+
+def test_a_checkpoint_with_an_earlier_build_of_the_vocabulary_is_told_apart():
+    """The server warns about it (app/registry.py): its thresholds were fitted for another
+    phototag."""
+    import copy
+    from dataclasses import replace
+
+    from model.pretrained import default_card, outdated_vocabulary
+
+    card = default_card()
+    assert not outdated_vocabulary(card)
+    earlier = copy.deepcopy(card.vocabulary)
+    earlier["tags"][0]["threshold"] = 0.42
+    assert outdated_vocabulary(replace(card, vocabulary=earlier))
+    assert not outdated_vocabulary(replace(card, vocabulary={**earlier, "name": "pets"}))
+    assert not outdated_vocabulary(replace(card, vocabulary=None))

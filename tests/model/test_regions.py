@@ -62,13 +62,20 @@ def test_merging_two_views_that_both_see_a_tag_makes_it_surer_than_either():
 
 
 def test_the_whole_photo_alone_is_tagged_at_its_own_thresholds(tmp_path):
-    """PHOTOTAG_REGIONS=0 serves each tag's whole_threshold, the default its threshold."""
+    """Probabilities merged with regions answer to each tag's threshold, the whole photo's alone
+    (PHOTOTAG_REGIONS=0, or an explanation's top tag) to its whole_threshold."""
     import copy
+    from dataclasses import replace
 
     tree = copy.deepcopy(TREE)
-    tree["tags"][3].update(threshold=0.8, whole_threshold=0.6)  # blue
+    tree["tags"][3].update(threshold=0.85, whole_threshold=0.6)  # blue
     checkpoint = write_tiny_checkpoint(tmp_path / "v.safetensors", vocabulary=tree)
-    probabilities = torch.tensor([0.1, 0.2, 0.7])  # red, green, blue: cool 0.9, blue 0.7
-    with_regions, alone = load_tagger(checkpoint, regions=4), load_tagger(checkpoint)
-    assert [t.label for t in with_regions.tags(probabilities)] == ["cool"]
-    assert [t.label for t in alone.tags(probabilities)] == ["blue"]
+    tagger = load_tagger(checkpoint, regions=4)
+    scores = tagger.outputs(tagger.prepare(photo_with_a_red_corner()).pixels[None]).unbind()[0]
+    whole = torch.tensor([0.1, 0.2, 0.7])  # red, green, blue: cool 0.9, blue 0.7
+    regional = torch.full((4, 3), 1 / 3)  # merged: cool 0.97, blue 0.8, warm 0.4
+    merged = replace(scores, probabilities=whole, regions=regional)
+    assert [t.label for t in tagger.tags(merged)] == ["cool"]
+    assert [t.label for t in tagger.tags(replace(merged, regions=None))] == ["blue"]
+    assert [t.label for t in tagger.tags(whole)] == ["blue"]
+    assert [t.label for t in load_tagger(checkpoint).tags(whole)] == ["blue"]
