@@ -128,16 +128,22 @@ def other_days(detector, embedder, people: dict[str, list[Path]]) -> dict:
     (name, photos), (_, [other]) = images.items()
     descriptor = {i: faces_of(detector, embedder, im)[1][:1] for i, im in enumerate(photos)}
     files = [p.name for p in people[name]]
+    shown_faces = {}  # (photo, alone?) -> its faces' descriptors, left first
+    for i, photo in enumerate(photos):
+        for alone, image in ((True, photo), (False, beside(photo, other))):
+            faces, embeddings = faces_of(detector, embedder, image)
+            shown_faces[i, alone] = embeddings[
+                sorted(range(len(faces)), key=lambda f: faces[f].box[0])
+            ]
     trials = []  # (taught from, shown, alone?, each face's distance to the taught, left first)
     for taught in [(i,) for i in descriptor] + list(combinations(descriptor, 2)):
-        gallery = gallery_of({name: torch.cat([descriptor[i] for i in taught])})
-        for shown in set(descriptor) - set(taught):
-            for alone, image in ((True, photos[shown]), (False, beside(photos[shown], other))):
-                faces, embeddings = faces_of(detector, embedder, image)
-                order = sorted(range(len(faces)), key=lambda i: faces[i].box[0])
-                distances = torch.cdist(embeddings[order], gallery.embeddings).min(1).values
-                distances = [round(float(d), 3) for d in distances]
-                trials.append(([files[i] for i in taught], files[shown], alone, distances))
+        examples = torch.cat([descriptor[i] for i in taught])
+        for (shown, alone), embeddings in shown_faces.items():
+            if shown in taught:
+                continue
+            distances = torch.cdist(embeddings, examples).min(1).values
+            distances = [round(float(d), 3) for d in distances]
+            trials.append(([files[i] for i in taught], files[shown], alone, distances))
     result: dict = {"trials": len(trials)}
     for line in LINES:
         result[f"{line}"] = {

@@ -194,12 +194,18 @@ def report(
 ) -> dict:
     """The vocabulary's tags (each at its own threshold) on served tag probabilities (``whole``:
     of the whole photo alone, at its thresholds for that)."""
+    return vocab.summarise(verdicts(v, rolled, right, whole))
+
+
+def verdicts(
+    v: vocab.Vocabulary, rolled: torch.Tensor, right: torch.Tensor, whole: bool = False
+) -> list[list[bool]]:
+    """Per photo, whether each tag the vocabulary gives it (top 5) is right."""
     index = {tag.label: t for t, tag in enumerate(v.tags)}
-    verdicts = []
-    for probabilities, ok in zip(rolled, right, strict=True):
-        chosen = v.select(probabilities, 5, whole=whole)
-        verdicts.append([bool(ok[index[s.label]]) for s in chosen])
-    return vocab.summarise(verdicts)
+    return [
+        [bool(ok[index[s.label]]) for s in v.select(probabilities, 5, whole=whole)]
+        for probabilities, ok in zip(rolled, right, strict=True)
+    ]
 
 
 def main() -> None:
@@ -319,7 +325,7 @@ def cross_validated(v: vocab.Vocabulary, measured: dict, args: argparse.Namespac
     """What the fit gives on photos it has not seen, over ``--splits`` random halvings of every
     set: fitted on one half, measured on the other, and the other way round (the shipped fit is
     one such half; with sets this small, which half moves its figures by several points)."""
-    verdicts: dict[str, list[list[bool]]] = {name: [] for name in measured}
+    found: dict[str, list[list[bool]]] = {name: [] for name in measured}
     for seed in range(args.splits):  # each set's halving its own: the same whichever sets exist
         order = {
             n: torch.randperm(len(m[0]), generator=torch.Generator().manual_seed(seed))
@@ -332,20 +338,19 @@ def cross_validated(v: vocab.Vocabulary, measured: dict, args: argparse.Namespac
             data = vocab.shipped()
             vocab.apply_thresholds(data, fitted, default=0.5)
             refit = vocab.Vocabulary.from_dict(data, v.classes)
-            index = {tag.label: t for t, tag in enumerate(refit.tags)}
-            for name, (rolled, right, *_) in measured.items():
-                for t in order[name][1 - half :: 2].tolist():
-                    chosen = refit.select(rolled[t], 5)
-                    verdicts[name].append([bool(right[t, index[c.label]]) for c in chosen])
+            for name, (rolled, right) in measured.items():
+                test = order[name][1 - half :: 2]
+                found[name] += verdicts(refit, rolled[test], right[test])
     print(f"\nCross-validated over {args.splits} random halvings (fitted on one half, measured "
           "on the other, both ways):")  # fmt: skip
     print("\n| set | precision | right tags per photo | tags per photo | without tags |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, rows in verdicts.items():
-        returned, right = sum(map(len, rows)), sum(map(sum, rows))
+    for name, rows in found.items():
+        s = vocab.summarise(rows)
+        right = sum(map(sum, rows)) / len(rows)
         print(
-            f"| {name} | {right / max(returned, 1):.3f} | {right / len(rows):.2f} | "
-            f"{returned / len(rows):.2f} | {sum(not r for r in rows) / len(rows):.0%} |"
+            f"| {name} | {s['precision'] or 0:.3f} | {right:.2f} | {s['tags_per_photo']:.2f} | "
+            f"{1 - s['coverage']:.0%} |"
         )
 
 

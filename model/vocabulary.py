@@ -390,11 +390,13 @@ def apply_thresholds(data: dict[str, Any], fitted: dict[str, Any], default: floa
     a tag's own, else its depth's, else ``default``; and where ``fitted`` has ``whole`` (the
     same, fitted for the whole photo alone), each tag's ``whole_threshold`` likewise."""
     for tag in data["tags"]:
-        level = str(min(len(tag["path"]), 2))
-        tag["threshold"] = fitted["tags"].get(tag["label"], fitted["depth"].get(level, default))
+        tag["threshold"] = _fitted(fitted, tag, default)
         tag.pop("whole_threshold", None)  # a value of an earlier fit would not fit this one
         if "whole" in fitted:
-            whole = fitted["whole"]
-            tag["whole_threshold"] = whole["tags"].get(
-                tag["label"], whole["depth"].get(level, default)
-            )
+            tag["whole_threshold"] = _fitted(fitted["whole"], tag, default)
+
+
+def _fitted(fitted: dict[str, Any], tag: dict[str, Any], default: float) -> float:
+    """A tag's threshold in a fit: its own, else its depth's, else ``default``."""
+    level = str(min(len(tag["path"]), 2))
+    return fitted["tags"].get(tag["label"], fitted["depth"].get(level, default))
