@@ -366,11 +366,25 @@ class Tagger:
         ``("custom", name)``, each at least its own threshold, or ``threshold``), ranked with the
         others, and drops the vocabulary tags a person marked wrong on a similar photo
         (:class:`model.custom_tags.Suppressions`); ``view="classes"`` is the raw classes only."""
+        tags, whole = self._own_tags(probabilities, top_k, threshold, view)
+        if view == "classes":
+            return tags
+        if whole is not None:
+            people = self._person_without_face(people, whole)
+        return with_people(tags, people, top_k, threshold)
+
+    def _own_tags(
+        self, probabilities: torch.Tensor | Scores, top_k: int, threshold: float | None, view: View
+    ) -> tuple[list[Tag], torch.Tensor | None]:
+        """:meth:`tags` without the people tags: what the model itself gives, which its
+        heatmaps can explain; and the whole photo's vocabulary tag probabilities (None without
+        a vocabulary or with ``view="classes"``), which the person rule reads."""
         scores = probabilities if isinstance(probabilities, Scores) else None
         if scores is not None:
             probabilities = scores.probabilities
         if view == "classes":
-            return self._class_tags(probabilities, top_k, threshold)
+            return self._class_tags(probabilities, top_k, threshold), None
+        whole = None
         if self.vocabulary is not None:
             whole, rolled = self._rolled(scores if scores is not None else probabilities)
             alone = scores is None or scores.regions is None  # the whole photo's, no regions'
@@ -378,7 +392,6 @@ class Tagger:
                 Tag(s.label, s.probability, s.path)
                 for s in self.vocabulary.select(rolled, top_k, threshold, whole=alone)
             ]
-            people = self._person_without_face(people, whole)
         else:  # the classes are the tags
             tags = [
                 Tag(t.label, t.probability, (t.label,))
@@ -387,7 +400,7 @@ class Tagger:
         if scores is not None:
             wrong = self.suppressions.suppressed(scores.features)
             tags = [t for t in tags if t.label not in wrong] + self._custom_tags(scores, threshold)
-        return with_people(tags, people, top_k, threshold)
+        return tags, whole
 
     def tag_probabilities(self, probabilities: torch.Tensor | Scores) -> torch.Tensor:
         """One photo's vocabulary tag probabilities (T,): its classes' rolled up; given its
@@ -512,16 +525,19 @@ class Tagger:
         raise UnknownTag(f"the model has no {kind} {label!r} (it has {listed(labels)}{others})")
 
     def explain(self, pixels: torch.Tensor, tag: str | None = None, view: View = "tags") -> Heatmap:
-        """uint8 (3, crop, crop) -> where the evidence for ``tag`` is (default: the photo's top
-        tag of the whole photo, the first :meth:`tags` returns for it, else its most probable
-        tag of all). Thread-safe."""
+        """uint8 (3, crop, crop) -> where the evidence for ``tag`` is (default: the whole photo's
+        top tag of the model's own, the first :meth:`tags` returns for it but for people tags,
+        which their faces explain; else its most probable tag of all). Thread-safe."""
         explainer = self.explainer()
         target = None if tag is None else self.target(tag, view)  # refused before any work
         forward = explainer.forward(pixels)
         if target is None:
             probabilities = forward.probabilities(self.card.task)
-            top = self.tags(probabilities, 1, None, view) or self.tags(probabilities, 1, 0.0, view)
-            target = self.target(top[0].label, view)
+            [top, *_] = (
+                self._own_tags(probabilities, 1, None, view)[0]
+                or self._own_tags(probabilities, 1, 0.0, view)[0]
+            )
+            target = self.target(top.label, view)
         return explainer.heatmap(forward, target)
 
     def person_heatmap(self, pixels: torch.Tensor) -> Heatmap | None:

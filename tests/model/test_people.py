@@ -254,3 +254,25 @@ def test_person_from_categories_reads_the_whole_photo_not_its_likeliest_region(t
     assert not has_person(scores(0.2, 0.95))  # only a corner looks like sport
     assert any(t.label == "sport" for t in tagger.tags(scores(0.2, 0.95)))  # the tag still is
     assert has_person(scores(0.95, 0.2))
+
+
+def test_the_default_explanation_is_of_the_models_own_top_tag_not_a_people_rule(tmp_path):
+    """person from a category can be a photo's first tag, and no heatmap target: the default
+    explanation is the model's own top tag (people tags are explained by their faces)."""
+    from PIL import Image
+
+    from model.tagger import Tagger
+    from tests.helpers import write_tiny_checkpoint
+
+    tree = {"name": "t", "hidden": [], "tags": [
+        {"label": "sport", "path": ["sport"], "threshold": 0.5, "classes": ["green", "blue"]},
+        {"label": "ski", "path": ["sport", "ski"], "threshold": 0.0, "classes": ["red"]},
+    ]}  # fmt: skip
+    path = write_tiny_checkpoint(tmp_path / "t.safetensors", vocabulary=tree)
+    choice = RuntimeChoice.resolve("cpu", "torch", "off")
+    tagger = Tagger.load(path, choice, FaceDetector.load(choice))
+    pixels = tagger.crop(Image.new("RGB", (64, 48), (200, 30, 30)))
+    probabilities = tagger.explainer().forward(pixels).probabilities(tagger.card.task)
+    # "sport" gathers every class (1.0): person from it comes before "ski"
+    assert tagger.tags(probabilities, 1)[0].path == ("people", "person")
+    assert tagger.explain(pixels).tag == "ski"
