@@ -322,9 +322,28 @@ def fitted_thresholds(v: vocab.Vocabulary, halves: dict, args: argparse.Namespac
 
 
 def cross_validated(v: vocab.Vocabulary, measured: dict, args: argparse.Namespace) -> None:
+    """Print what the fit gives on photos it has not seen (:func:`cross_validate`)."""
+    found = cross_validate(v, measured, args)
+    print(f"\nCross-validated over {args.splits} random halvings (fitted on one half, measured "
+          "on the other, both ways):")  # fmt: skip
+    print("\n| set | precision | right tags per photo | tags per photo | without tags |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, rows in found.items():
+        s = cv_summary(rows)
+        print(
+            f"| {name} | {s['precision']:.3f} | {s['right_per_photo']:.2f} | "
+            f"{s['tags_per_photo']:.2f} | {s['without_tags']:.0%} |"
+        )
+
+
+def cross_validate(
+    v: vocab.Vocabulary, measured: dict, args: argparse.Namespace
+) -> dict[str, list[list[bool]]]:
     """What the fit gives on photos it has not seen, over ``--splits`` random halvings of every
     set: fitted on one half, measured on the other, and the other way round (the shipped fit is
-    one such half; with sets this small, which half moves its figures by several points)."""
+    one such half; with sets this small, which half moves its figures by several points).
+    ``measured``: set -> (served tag probabilities, rights). Returns set -> per photo, whether
+    each tag given is right (every photo once per halving)."""
     found: dict[str, list[list[bool]]] = {name: [] for name in measured}
     for seed in range(args.splits):  # each set's halving its own: the same whichever sets exist
         order = {
@@ -341,17 +360,19 @@ def cross_validated(v: vocab.Vocabulary, measured: dict, args: argparse.Namespac
             for name, (rolled, right) in measured.items():
                 test = order[name][1 - half :: 2]
                 found[name] += verdicts(refit, rolled[test], right[test])
-    print(f"\nCross-validated over {args.splits} random halvings (fitted on one half, measured "
-          "on the other, both ways):")  # fmt: skip
-    print("\n| set | precision | right tags per photo | tags per photo | without tags |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, rows in found.items():
-        s = vocab.summarise(rows)
-        right = sum(map(sum, rows)) / len(rows)
-        print(
-            f"| {name} | {s['precision'] or 0:.3f} | {right:.2f} | {s['tags_per_photo']:.2f} | "
-            f"{1 - s['coverage']:.0%} |"
-        )
+    return found
+
+
+def cv_summary(rows: list[list[bool]]) -> dict[str, float]:
+    """Precision, right tags per photo, tags per photo and the share without tags of
+    :func:`cross_validate`'s verdicts for one set."""
+    s = vocab.summarise(rows)
+    return {
+        "precision": s["precision"] or 0.0,
+        "right_per_photo": sum(map(sum, rows)) / len(rows),
+        "tags_per_photo": s["tags_per_photo"],
+        "without_tags": 1 - s["coverage"],
+    }
 
 
 if __name__ == "__main__":
