@@ -118,20 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rules", nargs="+", choices=sorted(RULES), default=list(RULES))
     parser.add_argument("--cache", type=Path, help="keep the views' probabilities here")
-    parser.add_argument("--precision", type=float, default=0.9, help="the fit's target")
-    parser.add_argument("--category-precision", type=float, default=0.92)
-    parser.add_argument("--floor", type=float, default=0.3, help="no threshold below it")
-    parser.add_argument("--minimum", type=int, default=10, help="right examples for a tag's own")
-    parser.add_argument("--splits", type=int, default=12, help="random halvings")
-    parser.add_argument(
-        "--checkpoint", type=Path, default=REPO / "bench" / "out" / "default.safetensors"
-    )
-    args = parser.parse_args()
-    if not args.checkpoint.exists():
-        from model.pretrained import build_default_checkpoint
-
-        build_default_checkpoint(args.checkpoint)
-    torch.set_num_threads(2)
+    bench.add_fit_arguments(parser)
+    args = bench.parse(parser)
     sets = {**bench.photo_sets(0), "coco-dev": bench.coco_dev()}
     sets = {name: rows for name, rows in sets.items() if rows and name in bench.FIT_SETS}
     if not sets:

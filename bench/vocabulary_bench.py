@@ -208,30 +208,41 @@ def verdicts(
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fit", action="store_true", help="fit the thresholds first")
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fit's settings and the checkpoint, for this script and bench/tag_rules_bench.py."""
     parser.add_argument("--precision", type=float, default=0.9, help="the fit's target")
     parser.add_argument("--floor", type=float, default=0.3, help="no threshold below it")
     parser.add_argument("--minimum", type=int, default=10, help="right examples for a tag's own")
-    parser.add_argument("--cifar-per-class", type=int, default=200)
     parser.add_argument("--category-precision", type=float, default=0.92)
-    parser.add_argument("--regions", type=int, default=regions.DEFAULT, help="as served")
     parser.add_argument(
         "--splits", type=int, default=12, help="random halvings to cross-validate the fit (0: no)"
     )
     parser.add_argument(
-        "--cache", type=Path, help="keep the served probabilities here, to fit again quickly"
-    )
-    parser.add_argument(
         "--checkpoint", type=Path, default=REPO / "bench" / "out" / "default.safetensors"
     )
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments, with the checkpoint built first where it is missing (the default's)."""
     args = parser.parse_args()
     if not args.checkpoint.exists():
         from model.pretrained import build_default_checkpoint
 
         build_default_checkpoint(args.checkpoint)
     torch.set_num_threads(2)
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fit", action="store_true", help="fit the thresholds first")
+    parser.add_argument("--cifar-per-class", type=int, default=200)
+    parser.add_argument("--regions", type=int, default=regions.DEFAULT, help="as served")
+    parser.add_argument(
+        "--cache", type=Path, help="keep the served probabilities here, to fit again quickly"
+    )
+    add_fit_arguments(parser)
+    args = parse(parser)
     sets = {**photo_sets(args.cifar_per_class), "coco-dev": coco_dev()}
     sets = {name: rows for name, rows in sets.items() if rows}
     if not sets:
