@@ -2,7 +2,7 @@
 each fitted to the same precision targets and cross-validated over the same random halvings
 (bench/vocabulary_bench.py's fit and ``cross_validate``), so their figures compare directly.
 
-    .venv/bin/python bench/tag_rules_bench.py --cache /tmp/views.pt      # about 1 minute
+    .venv/bin/python bench/tag_rules_bench.py --cache /tmp/views.pt
     .venv/bin/python bench/tag_rules_bench.py --cache /tmp/views.pt --rules served mirrored
 
 The views of each photo (ants-bees, indoor-multilabel and coco-dev, the sets the fit reads):
@@ -16,6 +16,8 @@ photo and the share of photos without a tag, on the halves each fit did not see.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +33,7 @@ import vocabulary_bench as bench  # noqa: E402
 
 from model import regions  # noqa: E402
 from model import vocabulary as vocab  # noqa: E402
-from model.preprocess import Preprocess  # noqa: E402
+from model.preprocess import INTERPOLATIONS, Preprocess  # noqa: E402
 from model.tagger import Tagger  # noqa: E402
 
 # one photo's views, in this order: the whole photo, its regions, the same mirrored, squeezed
@@ -50,7 +52,9 @@ def views(tagger: Tagger, image: Image.Image) -> torch.Tensor:
 
 def squeeze(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     """The whole photo resized to the network's square, its shape not kept (nothing cropped)."""
-    resized = image.convert("RGB").resize((pre.crop, pre.crop), Image.Resampling.BILINEAR)
+    resized = image.convert("RGB").resize(
+        (pre.crop, pre.crop), INTERPOLATIONS[pre.interpolation].pil
+    )
     return (
         torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8)
         .view(pre.crop, pre.crop, 3)
@@ -66,6 +70,28 @@ def class_probabilities(tagger: Tagger, photos: list[Path]) -> torch.Tensor:
         scores = tagger.outputs(views(tagger, image)[None])
         found.append(torch.cat([scores.probabilities, scores.regions[0]]))
     return torch.stack(found)
+
+
+def cached_probabilities(tagger: Tagger, sets: dict, cache: Path | None) -> dict:
+    """Set name -> (N, 11, C) its photos' class probabilities per view, from ``cache`` where it
+    holds them for this network and these views, else computed (and kept there)."""
+    key = {
+        "probabilities": tagger.probabilities_version,
+        "views": hashlib.sha256(
+            "".join(inspect.getsource(f) for f in (views, squeeze, regions.crop)).encode()
+        ).hexdigest()[:12],
+        "photos": {name: len(rows) for name, rows in sets.items()},
+    }
+    cached = torch.load(cache) if cache and cache.exists() else {}
+    if cached.get("key") != key:
+        cached = {"key": key}
+    for name, rows in sets.items():
+        if name not in cached:
+            cached[name] = class_probabilities(tagger, [p for p, _ in rows])
+            print(f"{name}: {len(rows)} photos", flush=True)
+    if cache:
+        torch.save(cached, cache)
+    return cached
 
 
 Rule = Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
@@ -100,8 +126,7 @@ def tail_cut(p: torch.Tensor, roll: Callable, floor: float = 0.005) -> torch.Ten
 
 def three_witnesses(p: torch.Tensor, roll: Callable) -> torch.Tensor:
     """The centre crop, the squeezed photo and the likeliest region as three witnesses."""
-    merged = regions.merge(roll(p[WHOLE]), roll(p[REGIONS]))
-    return 1 - (1 - merged) * (1 - roll(p[SQUEEZED]))
+    return 1 - (1 - served(p, roll)) * (1 - roll(p[SQUEEZED]))
 
 
 RULES: dict[str, Rule] = {
@@ -126,18 +151,17 @@ def main() -> None:
         sys.exit(f"no labelled photo set under {bench.SHARED}: nothing to measure")
     tagger = Tagger.load(args.checkpoint, regions=regions.DEFAULT)
     v = vocab.Vocabulary.from_dict(vocab.shipped(), tagger.classes)
-    cached = torch.load(args.cache) if args.cache and args.cache.exists() else {}
-    if cached.get(bench.CACHE_KEY) != tagger.probabilities_version:
-        cached = {bench.CACHE_KEY: tagger.probabilities_version}
-    for name, rows in sets.items():
-        if name not in cached:
-            cached[name] = class_probabilities(tagger, [p for p, _ in rows])
-            print(f"{name}: {len(rows)} photos", flush=True)
-    if args.cache:
-        torch.save(cached, args.cache)
+    cached = cached_probabilities(tagger, sets, args.cache)
+    compare(v, tagger.card.task, sets, cached, args)
+
+
+def compare(
+    v: vocab.Vocabulary, task: str, sets: dict, cached: dict, args: argparse.Namespace
+) -> None:
+    """Print each of ``args.rules``' cross-validated figures on every set, one row a rule."""
 
     def roll(p: torch.Tensor) -> torch.Tensor:
-        return v.roll_up(p, tagger.card.task)
+        return v.roll_up(p, task)
 
     print(f"\nCross-validated over {args.splits} random halvings, fitted to {args.precision}:")
     names = list(sets)

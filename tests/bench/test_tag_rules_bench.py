@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,6 +61,41 @@ def test_the_squeezed_view_keeps_the_whole_photo_and_its_pixels_in_place():
     assert pixels.shape == (3, 48, 48) and pixels.dtype == torch.uint8
     assert pixels[:, 24, 2].tolist() == [250, 0, 0]
     assert pixels[:, 24, 40].tolist() == [10, 20, 30]
+
+
+class StubTagger:
+    """What views() reads of a tagger: its served views (each filled with its index) and its
+    preprocessing."""
+
+    card = SimpleNamespace(preprocess=Preprocess(resize=8, crop=8))
+
+    @staticmethod
+    def views(image: Image.Image) -> torch.Tensor:
+        served = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 8, 8).clone()
+        served[:, :, :, 0] = 100  # a left edge, which the mirror images have on the right
+        return served
+
+
+def test_the_views_are_the_served_ones_then_their_mirror_images_then_the_squeezed_photo():
+    image = Image.new("RGB", (16, 8), (7, 7, 7))
+    got = rules.views(StubTagger(), image)  # type: ignore[arg-type]
+    assert got.shape == (11, 3, 8, 8)
+    assert [int(got[i, 0, 0, 4]) for i in range(10)] == [0, 1, 2, 3, 4] * 2
+    served, mirrored = (
+        got[rules.WHOLE : rules.MIRRORED_WHOLE],
+        got[rules.MIRRORED_WHOLE : rules.SQUEEZED],
+    )
+    assert (served[:, :, :, 0] == 100).all() and (mirrored[:, :, :, -1] == 100).all()
+    assert torch.equal(mirrored, served.flip(-1))
+    assert (got[rules.SQUEEZED] == 7).all()
+
+
+def test_three_witnesses_add_the_squeezed_photo_to_what_is_served():
+    p = views()
+    p[rules.SQUEEZED] = 0
+    assert torch.allclose(rules.three_witnesses(p, identity), rules.served(p, identity))
+    p[rules.SQUEEZED] = 1
+    assert torch.allclose(rules.three_witnesses(p, identity), torch.ones(6))
 
 
 def test_cross_validation_gives_every_photo_a_verdict_per_halving():
