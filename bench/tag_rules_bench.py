@@ -33,7 +33,7 @@ import vocabulary_bench as bench  # noqa: E402
 
 from model import regions  # noqa: E402
 from model import vocabulary as vocab  # noqa: E402
-from model.preprocess import INTERPOLATIONS, Preprocess  # noqa: E402
+from model.preprocess import INTERPOLATIONS, Preprocess, center_crop  # noqa: E402
 from model.tagger import Tagger  # noqa: E402
 
 # one photo's views, in this order: the whole photo, its regions, the same mirrored, squeezed
@@ -52,14 +52,10 @@ def views(tagger: Tagger, image: Image.Image) -> torch.Tensor:
 
 def squeeze(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     """The whole photo resized to the network's square, its shape not kept (nothing cropped)."""
-    resized = image.convert("RGB").resize(
+    square = image.convert("RGB").resize(
         (pre.crop, pre.crop), INTERPOLATIONS[pre.interpolation].pil
     )
-    return (
-        torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8)
-        .view(pre.crop, pre.crop, 3)
-        .permute(2, 0, 1)
-    )
+    return center_crop(square, pre)  # already the crop's size: only made pixels
 
 
 def class_probabilities(tagger: Tagger, photos: list[Path]) -> torch.Tensor:
@@ -70,28 +66,6 @@ def class_probabilities(tagger: Tagger, photos: list[Path]) -> torch.Tensor:
         scores = tagger.outputs(views(tagger, image)[None])
         found.append(torch.cat([scores.probabilities, scores.regions[0]]))
     return torch.stack(found)
-
-
-def cached_probabilities(tagger: Tagger, sets: dict, cache: Path | None) -> dict:
-    """Set name -> (N, 11, C) its photos' class probabilities per view, from ``cache`` where it
-    holds them for this network and these views, else computed (and kept there)."""
-    key = {
-        "probabilities": tagger.probabilities_version,
-        "views": hashlib.sha256(
-            "".join(inspect.getsource(f) for f in (views, squeeze, regions.crop)).encode()
-        ).hexdigest()[:12],
-        "photos": {name: len(rows) for name, rows in sets.items()},
-    }
-    cached = torch.load(cache) if cache and cache.exists() else {}
-    if cached.get("key") != key:
-        cached = {"key": key}
-    for name, rows in sets.items():
-        if name not in cached:
-            cached[name] = class_probabilities(tagger, [p for p, _ in rows])
-            print(f"{name}: {len(rows)} photos", flush=True)
-    if cache:
-        torch.save(cached, cache)
-    return cached
 
 
 Rule = Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
@@ -151,7 +125,14 @@ def main() -> None:
         sys.exit(f"no labelled photo set under {bench.SHARED}: nothing to measure")
     tagger = Tagger.load(args.checkpoint, regions=regions.DEFAULT)
     v = vocab.Vocabulary.from_dict(vocab.shipped(), tagger.classes)
-    cached = cached_probabilities(tagger, sets, args.cache)
+    views_code = "".join(inspect.getsource(f) for f in (views, squeeze, regions.crop))
+    key = {
+        "probabilities": tagger.probabilities_version,
+        "views": hashlib.sha256(views_code.encode()).hexdigest()[:12],
+    }
+    cached = bench.cached_sets(
+        args.cache, key, sets, lambda paths: class_probabilities(tagger, paths)
+    )
     compare(v, tagger.card.task, sets, cached, args)
 
 

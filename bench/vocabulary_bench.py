@@ -33,6 +33,7 @@ import inspect
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -136,6 +137,22 @@ def cache_key(tagger: Tagger, regions_count: int) -> dict[str, str | int]:
     and the rule that merges them (its source)."""
     rule = hashlib.sha256(inspect.getsource(regions.merge).encode()).hexdigest()[:12]
     return {"probabilities": tagger.probabilities_version, "regions": regions_count, "merge": rule}
+
+
+def cached_sets(cache: Path | None, key: dict, sets: dict, compute: Callable) -> dict:
+    """Set name -> ``compute(its photos' paths)``, read from ``cache`` where it was kept under
+    the same ``key`` (what the values depend on) for as many photos, else computed and kept."""
+    key = {**key, "photos": {name: len(rows) for name, rows in sets.items()}}
+    cached = torch.load(cache) if cache and cache.exists() else {}
+    if cached.get(CACHE_KEY) != key:  # another network, setting, rule or photo set
+        cached = {CACHE_KEY: key}
+    for name, rows in sets.items():
+        if name not in cached:
+            cached[name] = compute([p for p, _ in rows])
+        print(f"{name}: {len(rows)} photos", flush=True)
+    if cache:
+        torch.save(cached, cache)
+    return cached
 
 
 def truths(v: vocab.Vocabulary, tags: list[list[str]]) -> list[set[int]]:
@@ -250,20 +267,15 @@ def main() -> None:
     tagger = Tagger.load(args.checkpoint, regions=args.regions)
     v = vocab.Vocabulary.from_dict(vocab.shipped(), tagger.classes)
     started = time.perf_counter()
-    cached = torch.load(args.cache) if args.cache and args.cache.exists() else {}
-    key = cache_key(tagger, args.regions)
-    if cached.get(CACHE_KEY) != key:  # another network, regions setting or merge rule
-        cached = {CACHE_KEY: key}
+    # the network's probabilities; thresholds apply afterwards
+    cached = cached_sets(
+        args.cache, cache_key(tagger, args.regions), sets, lambda paths: served(tagger, paths)
+    )
     measured = {}
     for name, rows in sets.items():
-        if name not in cached:  # the network's probabilities; thresholds apply afterwards
-            cached[name] = served(tagger, [p for p, _ in rows])
         labels = [t for _, t in rows]
         alone = v.roll_up(cached[name][1], tagger.card.task)  # the whole photo's tags alone
         measured[name] = (cached[name][0], rights(v, labels), cached[name][1], labels, alone)
-        print(f"{name}: {len(rows)} photos", flush=True)
-    if args.cache:
-        torch.save(cached, args.cache)
     print(f"network: {time.perf_counter() - started:.0f} s (regions: {args.regions})", flush=True)
     if args.fit:
         fitted = {n: m for n, m in measured.items() if n in FIT_SETS}
