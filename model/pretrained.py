@@ -95,12 +95,20 @@ def build_default_checkpoint(
     weights: str | Path | None = None,
     backbone: str = DEFAULT_BACKBONE,
 ) -> Path:
-    card = default_card(name, backbone)
-    net = architectures.build(card.arch, len(card.classes))
+    return save(out, imagenet_network(backbone, weights), default_card(name, backbone))
+
+
+def imagenet_network(
+    backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = None
+) -> architectures.TaggerNet:
+    """A shipped backbone with its ImageNet-1k weights (``weights``: another file of them), in
+    eval mode; its classes are :func:`imagenet_classes`."""
+    arch = architectures.get_weights(BACKBONES[backbone].weights).arch
+    net = architectures.build(arch, len(imagenet_classes()))
     net.load_state_dict(
         architectures.read_weights(weights or BACKBONES[backbone].weights), strict=True
     )
-    return save(out, net, card)
+    return net.eval()
 
 
 def main(argv: list[str] | None = None) -> int:

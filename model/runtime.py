@@ -2,7 +2,9 @@
 
 Every caller that needs a device (the server, training, the evaluate CLI, library tagging) asks
 :func:`resolve_device`; every served network runs behind the small :class:`Runtime` protocol,
-built by :func:`create_runtime`, so a new backend is one new class and one line there.
+built by :func:`create_runtime`, so a new backend is one new class and one line there. The
+networks the decode threads call (the face detector, the animal check) are built for several
+threads at once (:class:`ThreadedOpenVINO`); :func:`choose_backend` picks every backend.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import importlib.util
 import logging
 import os
 import re
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -25,6 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from model.architectures import TaggerNet
 
 log = logging.getLogger("phototag.runtime")
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -219,19 +224,12 @@ class OpenVINORuntime:
         import openvino
 
         self.device = torch.device("cpu")
-        ov_precision = "bf16" if choice.amp_dtype == torch.bfloat16 else "f32"
+        ov_precision = openvino_precision(choice)
         self.precision = "bfloat16" if ov_precision == "bf16" else "float32"
         example = torch.zeros(1, 3, crop, crop)
-        with warnings.catch_warnings():
-            # TorchScript tracing: deprecated upstream but what OpenVINO's converter uses, and
-            # shape arithmetic (TF "SAME" padding) that is constant for a fixed crop size.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            model = openvino.convert_model(
-                _AllOutputs(fold_batchnorm(net).cpu()),
-                example_input=example,
-                input=[openvino.PartialShape([-1, 3, crop, crop])],
-            )
+        model = convert_for_openvino(
+            _AllOutputs(fold_batchnorm(net).cpu()), example, [-1, 3, crop, crop]
+        )
         compiled = openvino.Core().compile_model(
             model,
             "CPU",
@@ -259,28 +257,95 @@ class OpenVINORuntime:
         return Outputs(logits, features, mid)
 
 
-def create_runtime(net: TaggerNet, crop: int, choice: RuntimeChoice) -> Runtime:
-    """The one place a backend is chosen. ``net`` is in eval mode; ``crop`` is its input size.
+def convert_for_openvino(module: nn.Module, example: torch.Tensor, shape: list[int]):
+    """``module`` (eval mode, on the CPU) traced on ``example`` and converted to an OpenVINO
+    model whose input has ``shape`` (-1: any size on that axis)."""
+    import openvino
 
-    Raises :class:`RuntimeUnavailable` when OpenVINO was asked for by name and cannot convert
-    the network; with ``auto`` torch serves it instead (logged)."""
+    with warnings.catch_warnings():
+        # TorchScript tracing: deprecated upstream but what OpenVINO's converter uses, and
+        # shape arithmetic (TF "SAME" padding) that is constant for a fixed input size.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return openvino.convert_model(
+            module, example_input=example, input=[openvino.PartialShape(shape)]
+        )
+
+
+class ThreadedOpenVINO:
+    """An OpenVINO model compiled for calls from several threads at once (the decode threads):
+    one stream per core with one thread each, each photo on one core as each photo is decoded on
+    one core, and one infer request per calling thread. In bfloat16 where the CPU computes it
+    natively (``precision="auto"``), float32 elsewhere (emulated bf16 is slower)."""
+
+    def __init__(self, model, choice: RuntimeChoice, precision: str = "auto") -> None:
+        import openvino
+
+        if precision == "auto":
+            precision = "bf16" if cpu_has_native_bf16() else "f32"
+        self.precision = precision
+        self._compiled = openvino.Core().compile_model(
+            model,
+            "CPU",
+            {
+                "NUM_STREAMS": choice.openvino_threads,
+                "INFERENCE_NUM_THREADS": choice.openvino_threads,
+                "INFERENCE_PRECISION_HINT": precision,
+                "ENABLE_CPU_PINNING": False,
+            },
+        )
+        self._outputs = len(self._compiled.outputs)
+        self._local = threading.local()
+
+    def infer(self, inputs: np.ndarray) -> list[torch.Tensor]:
+        """One input array -> the model's outputs, copied out of the request's buffers (which
+        the request reuses)."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        result = request.infer({0: inputs})
+        return [torch.from_numpy(result[i].copy()) for i in range(self._outputs)]
+
+
+def choose_backend(
+    choice: RuntimeChoice,
+    openvino: Callable[[], T],
+    torch_: Callable[[], T],
+    what: str,
+) -> T:
+    """The one place a backend is chosen: ``openvino()`` where ``choice`` is OpenVINO,
+    ``torch_()`` otherwise. Raises :class:`RuntimeUnavailable` when OpenVINO was asked for by
+    name and cannot compile ``what``; with ``auto`` torch runs it instead (logged)."""
+    if choice.backend == "openvino":
+        try:
+            return openvino()
+        except Exception as exc:  # converters fail in many ways; torch still runs it
+            reason = f"{type(exc).__name__}: {str(exc)[:500]}"
+            if not choice.fallback:
+                raise RuntimeUnavailable(
+                    f"OpenVINO could not compile {what} ({reason}); serve it with the torch backend"
+                ) from exc
+            log.warning("OpenVINO could not compile %s (%s); torch runs it", what, reason)
+    return torch_()
+
+
+def create_runtime(net: TaggerNet, crop: int, choice: RuntimeChoice) -> Runtime:
+    """The classifier's runtime on the chosen backend (:func:`choose_backend`). ``net`` is in
+    eval mode; ``crop`` is its input size."""
     if choice.torch_threads:
         torch.set_num_threads(choice.torch_threads)  # process-wide; normalize() runs in torch too
-    match choice.backend:
-        case "openvino":
-            try:
-                return OpenVINORuntime(net, crop, choice)
-            except Exception as exc:  # converters fail in many ways; torch still runs it
-                reason = f"{type(exc).__name__}: {str(exc)[:500]}"
-                if not choice.fallback:
-                    raise RuntimeUnavailable(
-                        f"OpenVINO could not compile this network ({reason}); "
-                        "serve it with the torch backend"
-                    ) from exc
-                log.warning("OpenVINO could not compile the network (%s); torch serves it", reason)
-                return TorchRuntime(net, choice)
-        case "torch":
-            return TorchRuntime(net, choice)
+    return choose_backend(
+        choice,
+        lambda: OpenVINORuntime(net, crop, choice),
+        lambda: TorchRuntime(net, choice),
+        "the classifier",
+    )
+
+
+def openvino_precision(choice: RuntimeChoice) -> str:
+    """The classifier's OpenVINO inference precision: bf16 where ``PHOTOTAG_AUTOCAST`` asks for
+    it, f32 otherwise (probabilities exactly as measured)."""
+    return "bf16" if choice.amp_dtype == torch.bfloat16 else "f32"
 
 
 class RuntimeUnavailable(RuntimeError):

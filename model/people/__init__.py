@@ -1,5 +1,6 @@
-"""People in photos: the face detector (YuNet, ``detector.py`` over ``yunet.py``) and the rules
-that turn its faces into people tags (``tags.py``)."""
+"""People in photos: the face detector (YuNet, ``detector.py`` over ``yunet.py``, which drops
+animals' faces with ``animals.py``) and the rules that turn its faces into people tags
+(``tags.py``)."""
 
 from model.people.detector import Detection, DetectorConfig, Face, FaceDetector
 from model.people.tags import (

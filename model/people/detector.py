@@ -17,17 +17,24 @@ Usage::
 from __future__ import annotations
 
 import math
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from PIL import Image
 
 from model.people import yunet
-from model.runtime import Backend, RuntimeChoice, cpu_has_native_bf16
+from model.runtime import (
+    Backend,
+    RuntimeChoice,
+    ThreadedOpenVINO,
+    choose_backend,
+    convert_for_openvino,
+)
+
+if TYPE_CHECKING:
+    from model.people.animals import AnimalCheck
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,10 @@ class DetectorConfig:
     """How the detector looks (bench/people_bench.py measures the choices)."""
 
     work_size: int = 640  # longest side the network sees; larger photos are downscaled first
-    # a face at least this confident counts: 0.7 keeps faces in wallpaper, wood grain and
-    # cabinet handles out while it finds the faces the network is sure of
-    score_threshold: float = 0.7
+    # a face at least this confident counts (bench/people_bench.py: lower, patterns and
+    # insects' heads come in faster than people); animals' faces are dropped after, by
+    # FaceDetector.animals
+    score_threshold: float = 0.6
     nms_iou: float = yunet.NMS_IOU  # the library's
     max_faces: int = 64  # the most confident faces kept on a crowded photo
 
@@ -101,49 +109,20 @@ class TorchNetwork:
 
 class OpenVINONetwork:
     """YuNet compiled by OpenVINO for this CPU with a free height and width, so each photo runs
-    at its own padded size; one infer request per calling thread. In bfloat16 where the CPU
-    computes it natively (a third faster; scores move by about 0.01, which changes no face's side
-    of the threshold on the benchmark's photos), float32 elsewhere (emulated bf16 is slower)."""
+    at its own padded size, for calls from the decode threads (:class:`ThreadedOpenVINO`). In
+    bfloat16 where the CPU computes it natively (faster, and its scores move too little to
+    change the faces found: bench/README.md), float32 elsewhere."""
 
     backend: Backend = "openvino"
 
     def __init__(self, net: yunet.YuNet, choice: RuntimeChoice, precision: str = "auto") -> None:
-        import openvino
-
         self.device = torch.device("cpu")
-        if precision == "auto":
-            precision = "bf16" if cpu_has_native_bf16() else "f32"
-        self.precision = precision
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", FutureWarning)  # tracing: what the converter uses
-            model = openvino.convert_model(
-                net.cpu(),
-                example_input=torch.zeros(1, 3, 320, 320),
-                input=[openvino.PartialShape([1, 3, -1, -1])],
-            )
-        model = _reads_prepared_pixels(model)
-        self._compiled = openvino.Core().compile_model(
-            model,
-            "CPU",
-            {
-                # one stream per core, one thread each: the detector is called from the decode
-                # threads, each photo on one core, as each photo is decoded on one core
-                "NUM_STREAMS": choice.openvino_threads,
-                "INFERENCE_NUM_THREADS": choice.openvino_threads,
-                "INFERENCE_PRECISION_HINT": precision,
-                "ENABLE_CPU_PINNING": False,
-            },
-        )
-        self._local = threading.local()
+        model = convert_for_openvino(net.cpu(), torch.zeros(1, 3, 320, 320), [1, 3, -1, -1])
+        self._network = ThreadedOpenVINO(_reads_prepared_pixels(model), choice, precision)
+        self.precision = self._network.precision
 
     def run(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
-        result = request.infer({0: pixels.contiguous().numpy()})
-        # the request reuses its output buffers: copy them out
-        return [torch.from_numpy(result[i].copy()) for i in range(len(yunet.OUTPUT_NAMES))]
+        return self._network.infer(pixels.contiguous().numpy())
 
 
 def _reads_prepared_pixels(model):
@@ -164,25 +143,30 @@ def _reads_prepared_pixels(model):
 
 
 def create_network(net: yunet.YuNet, choice: RuntimeChoice, precision: str = "auto") -> Network:
-    """The backend the classifier runs on (``choice``), for the detector too. OpenVINO that
-    cannot compile it falls back to torch on the CPU when the backend was ``auto``.
-    ``precision`` (OpenVINO only): ``auto``, ``f32`` or ``bf16``."""
-    if choice.backend == "openvino":
-        try:
-            return OpenVINONetwork(net, choice, precision)
-        except Exception:
-            if not choice.fallback:
-                raise
-    return TorchNetwork(net, choice.device)
+    """The backend the classifier runs on (``choice``), for the detector too
+    (:func:`model.runtime.choose_backend`). ``precision`` (OpenVINO only): ``auto``, ``f32`` or
+    ``bf16``."""
+    return choose_backend(
+        choice,
+        lambda: OpenVINONetwork(net, choice, precision),
+        lambda: TorchNetwork(net, choice.device),
+        "the face detector",
+    )
 
 
 class FaceDetector:
     """YuNet on one photo at a time. ``detect`` keeps no state between calls, so several threads
     may call it at once; it leaves torch's global settings (threads, grad mode) as they are."""
 
-    def __init__(self, network: Network, config: DetectorConfig | None = None) -> None:
+    def __init__(
+        self,
+        network: Network,
+        config: DetectorConfig | None = None,
+        animals: AnimalCheck | None = None,
+    ) -> None:
         self.network = network
         self.config = config or DetectorConfig()
+        self.animals = animals  # drops animals' faces; None keeps every face
 
     @classmethod
     def load(
@@ -191,12 +175,17 @@ class FaceDetector:
         config: DetectorConfig | None = None,
         path: str | Path | None = None,
         precision: str = "auto",
+        animals: bool = True,
     ) -> FaceDetector:
         """The detector with the weights in ``path`` (default: the shipped file), on the runtime
-        ``choice`` (default: what ``auto`` resolves to here; ``precision``: see
-        :class:`OpenVINONetwork`)."""
+        ``choice`` (default: what ``auto`` resolves to here; ``precision``, the detector's: see
+        :class:`OpenVINONetwork`), with the check that drops animals' faces
+        (:mod:`model.people.animals`) unless ``animals`` is False."""
+        from model.people.animals import AnimalCheck
+
         choice = choice or RuntimeChoice.resolve()
-        return cls(create_network(yunet.load_yunet(path), choice, precision), config)
+        network = create_network(yunet.load_yunet(path), choice, precision)
+        return cls(network, config, AnimalCheck.load(choice) if animals else None)
 
     @property
     def backend(self) -> Backend:
@@ -220,7 +209,10 @@ class FaceDetector:
             keep_top_k=c.max_faces,
         )
         rows = yunet.to_original(rows, prepared.scale)
-        return Detection([_face(row, image.size) for row in rows.tolist()], prepared.size)
+        faces = [_face(row, image.size) for row in rows.tolist()]
+        if self.animals is not None:
+            faces = self.animals.people(image, faces)
+        return Detection(faces, prepared.size)
 
 
 def _face(row: list[float], size: tuple[int, int]) -> Face:

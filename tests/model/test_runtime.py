@@ -205,7 +205,7 @@ def test_auto_falls_back_to_torch_when_the_network_does_not_convert(
     with caplog.at_level(logging.WARNING, logger="phototag.runtime"):
         served = create_runtime(net, 32, cpu_choice("auto"))
     assert isinstance(served, TorchRuntime)
-    assert "OpenVINO could not compile the network (RuntimeError: unsupported" in caplog.text
+    assert "OpenVINO could not compile the classifier (RuntimeError: unsupported" in caplog.text
     assert served.run(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 3)
     with pytest.raises(RuntimeUnavailable, match="serve it with the torch backend"):
         create_runtime(net, 32, cpu_choice("openvino"))
