@@ -41,12 +41,12 @@ from model.people.detector import FaceDetector
 from model.people.embedding import align_faces, load_embedder
 from model.people.names import (
     MATCH_DISTANCE,
-    MIN_NAMED_SIDE,
     Embedder,
     Gallery,
     OpenVINOEmbedder,
     TorchEmbedder,
     identify,
+    nameable,
 )
 from model.runtime import RuntimeChoice
 
@@ -170,17 +170,17 @@ def gallery_embeddings(gallery: Gallery, name: str) -> torch.Tensor:
 def strangers(detector, embedder, folder: Path, gallery: Gallery) -> dict:
     """Every face in a folder of photos of other people: false names per line, and the impostor
     distances between faces of different photos."""
-    rows, photo_of, small = [], [], 0
+    rows, photo_of, unnamed = [], [], 0
     for i, path in enumerate(sorted(folder.glob("*.jpg"))):
         image = Image.open(path).convert("RGB")
         faces = detector.detect(image)
-        named = [f for f in faces if f.side >= MIN_NAMED_SIDE]  # as Namer names them
-        small += len(faces) - len(named)
+        named = [f for f in faces if nameable(f)]  # as Namer names them
+        unnamed += len(faces) - len(named)
         rows.append(embedder.embed(image, named))
         photo_of += [i] * len(named)
     embeddings = torch.cat(rows) if rows else torch.zeros(0, 128)
     photo = torch.tensor(photo_of)
-    result: dict = {"photos": len(rows), "faces": len(embeddings), "faces_too_small": small}
+    result: dict = {"photos": len(rows), "faces": len(embeddings), "faces_unnamed": unnamed}
     if not len(embeddings):
         return result
     to_taught = torch.cdist(embeddings, gallery.embeddings).min(1).values

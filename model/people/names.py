@@ -63,6 +63,15 @@ PROBABILITY_SCALE = 0.05
 # descriptors of tiny, blurred faces crowd together (bench/names_bench.py: strangers' faces in
 # coco-dev lie under the line twice as often when faces of 10-30 px are kept)
 MIN_NAMED_SIDE = 32.0
+# Nor does a face the detector is less sure of than this: faces it scores lower (blurred,
+# turned, half hidden) count as people but their descriptors crowd together too
+# (bench/names_bench.py measures the line on faces at least this sure)
+MIN_NAMED_SCORE = 0.7
+
+
+def nameable(face: Face) -> bool:
+    """Whether a face is clear enough to name (:data:`MIN_NAMED_SIDE`, :data:`MIN_NAMED_SCORE`)."""
+    return face.side >= MIN_NAMED_SIDE and face.score >= MIN_NAMED_SCORE
 
 
 class NamesError(CodedError, ValueError):
@@ -455,7 +464,7 @@ class Namer:
         as sent, where ``image`` is a JPEG draft; default: the image's own)."""
         boxes = scale_boxes([f.box for f in faces], image.size, size or image.size)
         found: list[Identity | None] = [None] * len(faces)
-        named = [i for i, f in enumerate(faces) if f.side >= MIN_NAMED_SIDE]
+        named = [i for i, f in enumerate(faces) if nameable(f)]
         gallery = self.store.gallery() if named else Gallery.empty()
         if len(gallery):  # nobody taught: no descriptor is computed
             embeddings = self.embedder.embed(image, [faces[i] for i in named])

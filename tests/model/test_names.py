@@ -19,6 +19,7 @@ from model.people.names import (
     OpenVINOEmbedder,
     TorchEmbedder,
     identify,
+    nameable,
     pick_face,
     probability,
 )
@@ -45,6 +46,15 @@ def test_a_face_gets_the_name_of_its_nearest_example_under_the_line():
     assert [f.name if f else None for f in found] == ["alice", "bob", None]
     assert found[0].distance == pytest.approx(0.1, abs=1e-5)
     assert found[0].probability == pytest.approx(probability(0.1))
+
+
+def test_only_clear_faces_get_a_name_chance_small_or_unsure_ones_count_as_people_only():
+    def square(side: float, score: float) -> Face:
+        return Face((0.0, 0.0, side, side), score)
+
+    assert nameable(square(40, 0.75))
+    assert not nameable(square(40, 0.65))  # a person (faces count from 0.6), but no name
+    assert not nameable(square(20, 0.95))
 
 
 def test_two_faces_never_share_a_name_the_closer_one_keeps_it():
