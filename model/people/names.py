@@ -480,7 +480,7 @@ class Namer:
     def example(
         self, detector: FaceDetector, image: Image.Image, box: Sequence[float] | None = None
     ) -> torch.Tensor:
-        """The descriptor (1, 128) of a teaching photo's face (:func:`pick_face`; ``box`` in
-        ``image``'s pixels)."""
-        face = pick_face(detector.detect(image), box)
+        """The descriptor (1, 128) of a teaching photo's face (:func:`pick_face` among the faces
+        clear enough to name, :func:`nameable`; ``box`` in ``image``'s pixels)."""
+        face = pick_face([f for f in detector.detect(image) if nameable(f)], box)
         return self.embedder.embed(image, [face])
