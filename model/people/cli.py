@@ -89,7 +89,7 @@ def suggest(results: Path, min_size: int, samples: int, device: str) -> int:
     (results files hold none) and kept nowhere."""
     from model.library.cli import rows_of
     from model.people.detector import FaceDetector
-    from model.people.names import group, overlap
+    from model.people.names import group, nameable, overlap
     from model.runtime import RuntimeChoice
 
     faces = unnamed_faces(rows_of(results))
@@ -104,6 +104,8 @@ def suggest(results: Path, min_size: int, samples: int, device: str) -> int:
             continue
         best = max(detector.detect(image), key=lambda f: overlap(f.box, box), default=None)
         if best is None or overlap(best.box, box) < 0.5:  # the photo changed since the run
+            continue
+        if not nameable(best):  # what `people add` would refuse to learn from
             continue
         found.append((path, box))
         descriptors.append(embedder.embed(image, [best]))
