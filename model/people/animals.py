@@ -50,6 +50,7 @@ class AnimalCheck:
     def __init__(self, network: Classifier, size: int, vocabulary: Vocabulary) -> None:
         self.network = network
         self.size = size  # the side of the square the network reads
+        self._square = Preprocess(resize=size, crop=size)  # the surroundings, already that size
         column = next(i for i, t in enumerate(vocabulary.tags) if t.path == ANIMAL)
         # the roll-up (Vocabulary.roll_up) of the one tag read: the classes it gathers
         self._animal = vocabulary.membership[:, column]
@@ -62,27 +63,16 @@ class AnimalCheck:
         (conversion, compilation) takes seconds."""
         return _shared(choice or RuntimeChoice.resolve())
 
-    @classmethod
-    def _build(cls, choice: RuntimeChoice) -> AnimalCheck:
-        pre = pretrained.BACKBONES[pretrained.DEFAULT_BACKBONE].preprocess
-        net = pretrained.imagenet_network()
-        network = choose_backend(
-            choice,
-            lambda: OpenVINOClassifier(net, pre, choice),
-            lambda: TorchClassifier(net, pre, choice.device),
-            "the animal check",
-        )
-        vocabulary = Vocabulary.from_dict(shipped("imagenet"), pretrained.imagenet_classes())
-        return cls(network, pre.crop, vocabulary)
-
     def probabilities(self, image: Image.Image, faces: list[Face]) -> list[float]:
         """How likely each face (of the first :data:`MAX_CHECKED`) is an animal's: the
         classifier's probability of the animal branch on the face's surroundings."""
         faces = faces[:MAX_CHECKED]
         if not faces:
             return []
-        crop = Preprocess(resize=self.size, crop=self.size)
-        pixels = torch.stack([center_crop(surroundings(image, f, self.size), crop) for f in faces])
+        square = self._square
+        pixels = torch.stack(
+            [center_crop(surroundings(image, f, self.size), square) for f in faces]
+        )
         classes = torch.softmax(self.network(pixels).float(), dim=1)
         return (classes @ self._animal).clamp(0, 1).tolist()
 
@@ -95,7 +85,16 @@ class AnimalCheck:
 
 @functools.cache
 def _shared(choice: RuntimeChoice) -> AnimalCheck:
-    return AnimalCheck._build(choice)
+    pre = pretrained.BACKBONES[pretrained.DEFAULT_BACKBONE].preprocess
+    net = pretrained.imagenet_network()
+    network = choose_backend(
+        choice,
+        lambda: OpenVINOClassifier(net, pre, choice),
+        lambda: TorchClassifier(net, pre, choice.device),
+        "the animal check",
+    )
+    vocabulary = Vocabulary.from_dict(shipped("imagenet"), pretrained.imagenet_classes())
+    return AnimalCheck(network, pre.crop, vocabulary)
 
 
 def surroundings(image: Image.Image, face: Face, size: int) -> Image.Image:
