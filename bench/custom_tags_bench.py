@@ -18,13 +18,14 @@ not the concept (test negatives never taught). Mean over --repeats draws. Varian
 - user N only: the same N, no built-in negatives;
 - features+weights: the first design, rejected: a head on the L2-normalised pooled features
   with the classifier's weight rows as the built-in negatives;
-- scenes (with ../shared/data/coco-dev): coco-dev's photos by their stuff labels and the
-  indoor photos in one pool, a tag taught from 10 of a scene's photos and tested on the rest;
-  then what the features allow at all: a head fitted on four fifths of the pool's labels;
 - seen N: a design measured and not built: N photos "the server has already tagged" (drawn
   from every other photo, the concept's own remaining photos included, since nobody labelled
   them; removed from the test) as negatives, in the square-root probabilities and the centred,
   L2-normalised pooled features together.
+
+Scenes (with ../shared/data/coco-dev): coco-dev's photos by their stuff labels and the indoor
+photos in one pool, a tag taught from 10 of a scene's photos and tested on the rest; then what
+the features allow at all: a head fitted on four fifths of the pool's labels.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.custom_tags import CustomTagStore, Examples, Space, _logistic, fit
+from model.custom_tags import CustomTagStore, Examples, Space, _folds, _logistic, fit
 from model.runtime import RuntimeChoice
 from model.tagger import Tagger
 from model.teach import examples_of, teach
@@ -125,7 +126,9 @@ def measure_scene(pool: dict, truth: torch.Tensor, k: int, variant: str, users: 
     return [statistics.mean(r[i] for r in results) for i in range(3)]
 
 
-def scene_ceiling(pool: dict, truth: torch.Tensor, space: Space, folds: int = 5):
+def scene_ceiling(
+    pool: dict, truth: torch.Tensor, space: Space, folds: int = 5
+) -> tuple[float, float]:
     """What the features allow a linear head with far more labels than a person gives: fitted on
     every labelled photo of four fifths of the pool (no built-in negatives, each class weighing
     half), scored on the fifth left out, in turn. -> F1 at 0.5, and at the best threshold in
@@ -134,7 +137,7 @@ def scene_ceiling(pool: dict, truth: torch.Tensor, space: Space, folds: int = 5)
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))
     labels = truth.float()
     scores = torch.empty(len(inputs))
-    for held in (order[i::folds] for i in range(folds)):
+    for held in (order[fold] for fold in _folds(len(inputs), folds)):
         keep = torch.ones(len(inputs), dtype=torch.bool)
         keep[held] = False
         y = labels[keep]
